@@ -1,0 +1,167 @@
+"""Attach, save and load adapters. Files are adapter_config.json + adapter_model.safetensors.
+
+For methods PEFT has, both files are in PEFT's exact format: keys are
+`base_model.model.<module path>.<param>` with the adapter name removed, and the config carries
+PEFT's fields. plugtune's own facts (the base model's fingerprint) go to a sidecar file,
+plugtune_adapter.json, so PEFT reads our adapters without warnings.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from plugtune.adapters.layers import adapter_layers, adapter_names, adapter_state, base_parameters, mark_trainable
+from plugtune.adapters.registry import AdapterMethod, get_method, method_from_saved
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+META_FILE = "plugtune_adapter.json"
+_PEFT_PREFIX = "base_model.model."
+
+
+class AdapterMismatchError(ValueError):
+    """An adapter made for another base model."""
+
+
+def attach_adapter(model: nn.Module, method: str | AdapterMethod, cfg: Any = None, name: str = "default",
+                   trainable: bool = True) -> list[str]:
+    """Add a fresh adapter `name` to `model` in place; with trainable=True only it receives gradients."""
+    method = get_method(method) if isinstance(method, str) else method
+    if name in adapter_names(model):
+        raise ValueError(f"the model already has an adapter named '{name}'")
+    cfg = method.parse_config(cfg or {})
+    wrapped = method.attach(model, cfg, name)
+    for _, layer in adapter_layers(model):
+        layer.train(model.training)
+    if trainable:
+        mark_trainable(model, name)
+    return wrapped
+
+
+def _adapter_method_and_config(model: nn.Module, name: str) -> tuple[AdapterMethod, Any]:
+    for _, layer in adapter_layers(model):
+        if name in layer.configs:
+            cfg = layer.configs[name]
+            for method_name in _all_methods():
+                m = get_method(method_name)
+                if isinstance(cfg, m.config_cls):
+                    return m, cfg
+    raise KeyError(f"no adapter named '{name}' on this model (loaded: {adapter_names(model)})")
+
+
+def _all_methods():
+    from plugtune.adapters.registry import available_methods
+
+    return available_methods()
+
+
+def to_saved_key(key: str, name: str) -> str:
+    """'model.layers.0.q_proj.lora_A.default.weight' -> PEFT's 'base_model.model.model.layers.0.q_proj.lora_A.weight'."""
+    parts = key.split(".")
+    parts = [p for p in parts if p != name] if name in parts else parts
+    return _PEFT_PREFIX + ".".join(parts)
+
+
+def base_fingerprint(model: nn.Module) -> dict[str, str]:
+    """Identify a base model: a hash of its architecture config and a checksum of its weights.
+
+    The checksum hashes the first 4096 values of every base tensor rounded to bf16, so the same
+    base loaded in fp32 or bf16 gives the same answer, in well under a second.
+    """
+    cfg = model.config.to_dict() if hasattr(model, "config") else {}
+    keep = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "intermediate_size", "n_embd", "n_layer", "n_head")
+    arch = {k: cfg[k] for k in keep if k in cfg}
+    config_hash = hashlib.sha256(json.dumps(arch, sort_keys=True).encode()).hexdigest()[:16]
+    h = hashlib.sha256()
+    for pname, p in sorted(base_parameters(model).items()):
+        h.update(pname.encode())
+        sample = p.detach().reshape(-1)[:4096].to("cpu", torch.bfloat16).view(torch.int16)
+        h.update(sample.numpy().tobytes())
+    return {"config_hash": config_hash, "weights_checksum": h.hexdigest()[:16],
+            "model_type": str(cfg.get("model_type", type(model).__name__))}
+
+
+def save_adapter(model: nn.Module, out_dir: str | Path, name: str = "default", base_name: str | None = None) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    method, cfg = _adapter_method_and_config(model, name)
+    state = {to_saved_key(k, name): p.detach().to("cpu").contiguous() for k, p in adapter_state(model, name).items()}
+    saved_cfg = method.saved_config(cfg)
+    base_name = base_name or getattr(getattr(model, "config", None), "_name_or_path", None)
+    saved_cfg["base_model_name_or_path"] = str(base_name) if base_name else None
+    # Write to temporary names, then rename: a crash never leaves a half-written adapter.
+    tmp_w, tmp_c = out / (WEIGHTS_FILE + ".tmp"), out / (CONFIG_FILE + ".tmp")
+    save_file(state, str(tmp_w), metadata={"format": "pt"})
+    tmp_c.write_text(json.dumps(saved_cfg, indent=2, sort_keys=True))
+    tmp_w.replace(out / WEIGHTS_FILE)
+    tmp_c.replace(out / CONFIG_FILE)
+    meta = {"method": method.name, "base_model": saved_cfg["base_model_name_or_path"],
+            "base_fingerprint": base_fingerprint(model)}
+    (out / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+    return out
+
+
+def read_adapter_config(path: str | Path) -> dict:
+    path = Path(path)
+    cfg_file = path / CONFIG_FILE
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{path} is not an adapter directory: {CONFIG_FILE} is missing")
+    try:
+        return json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{cfg_file} is not valid JSON: {exc}") from exc
+
+
+def check_base(model: nn.Module, path: Path, force: bool = False) -> None:
+    meta_file = path / META_FILE
+    if force or not meta_file.is_file():  # adapters made by PEFT carry no fingerprint
+        return
+    meta = json.loads(meta_file.read_text())
+    want, have = meta.get("base_fingerprint", {}), base_fingerprint(model)
+    if want.get("config_hash") != have["config_hash"]:
+        raise AdapterMismatchError(
+            f"the adapter in {path} was made for a different architecture (base '{meta.get('base_model')}', "
+            f"{want.get('model_type')}) than this model ({have['model_type']}). Load it onto the base it was "
+            "trained on, or pass force=True (--force) if you know the shapes agree.")
+    if want.get("weights_checksum") != have["weights_checksum"]:
+        raise AdapterMismatchError(
+            f"the adapter in {path} was trained on other base weights (base '{meta.get('base_model')}'): same "
+            "architecture, different checkpoint. Its outputs would be wrong. Load the original base, or pass "
+            "force=True (--force) to load anyway.")
+
+
+def load_adapter(model: nn.Module, path: str | Path, name: str = "default", force: bool = False,
+                 trainable: bool = False) -> nn.Module:
+    """Attach the adapter saved in `path` (by plugtune or PEFT) to `model` as adapter `name`."""
+    path = Path(path)
+    saved = read_adapter_config(path)
+    check_base(model, path, force)
+    method, cfg = method_from_saved(saved)
+    attach_adapter(model, method, cfg, name=name, trainable=trainable)
+    weights_file = path / WEIGHTS_FILE
+    if not weights_file.is_file():
+        raise FileNotFoundError(f"{weights_file} is missing")
+    saved_state = load_file(str(weights_file))
+    ours = adapter_state(model, name)
+    expected = {to_saved_key(k, name): k for k in ours}
+    missing = sorted(set(expected) - set(saved_state))
+    unexpected = sorted(set(saved_state) - set(expected))
+    if missing or unexpected:
+        raise AdapterMismatchError(
+            f"{weights_file} does not fit this model: {len(missing)} missing keys (e.g. {missing[:2]}), "
+            f"{len(unexpected)} unexpected keys (e.g. {unexpected[:2]}). Was it trained on another base?")
+    with torch.no_grad():
+        for saved_key, our_key in expected.items():
+            param, value = ours[our_key], saved_state[saved_key]
+            if param.shape != value.shape:
+                raise AdapterMismatchError(f"{saved_key}: shape {tuple(value.shape)} in the file, "
+                                           f"{tuple(param.shape)} expected by this model")
+            param.copy_(value.to(param.dtype))
+    return model

@@ -1,0 +1,223 @@
+"""Typed run configuration: YAML -> nested dataclasses, strict keys, `a.b=c` overrides.
+
+A run config has four fixed sections (model, data, training, output) plus `method` and
+`adapter`. `adapter` holds the parameters of the chosen adapter method; it is converted to
+that method's own config dataclass by the adapter registry, so each method owns its keys.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "smollm2-135m"  # a built-in short name or a local Hugging Face model directory
+    dtype: str = "auto"  # auto (fp32 on CPU, fp32 weights + bf16 autocast on CUDA) | float32 | bfloat16
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+
+@dataclass
+class DataConfig:
+    train: str = ""  # JSONL/JSON file
+    eval: str = ""  # optional held-out file for loss/perplexity during training
+    format: str = "auto"  # auto | alpaca | messages | sharegpt | prompt_completion | text
+    max_length: int = 512  # tokens per example (prompt + response)
+    overflow: str = "truncate"  # truncate | drop : what to do with longer examples
+    train_on: str = "responses"  # responses (assistant tokens only) | all
+    system_prompt: str | None = None  # added as a system turn when an example has none
+    eval_limit: int = 0  # 0 = all eval examples
+
+
+@dataclass
+class TrainingConfig:
+    max_steps: int = 0  # optimizer steps; 0 = derive from epochs
+    epochs: float = 1.0
+    batch_size: int = 8  # examples per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 0
+    schedule: str = "cosine"  # cosine | linear | constant
+    min_lr_ratio: float = 0.0  # cosine/linear decay floor, as a fraction of lr
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    seed: int = 0
+    log_every: int = 1
+    eval_every: int = 0  # 0 = only at the end (when data.eval is set)
+    save_every: int = 0  # 0 = only the final checkpoint
+    keep_checkpoints: int = 2
+    progress: bool = True
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "runs/plugtune"
+    resume: str = "auto"  # auto (latest checkpoint in dir if any) | never | a checkpoint directory
+    plot: bool = True  # write loss_curve.png at the end
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    method: str = "lora"  # "full" (all parameters) or a registered adapter method
+    adapter: dict[str, Any] = field(default_factory=dict)  # that method's parameters
+
+
+# ----------------------------------------------------------------------------- parsing
+
+
+def _suggest(key: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    return f"{hint} Valid keys: {', '.join(sorted(valid))}."
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check/convert one YAML value to the annotated field type."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        if isinstance(value, str) and str in args:
+            return value
+        listy = [a for a in args if typing.get_origin(a) in (list, tuple)]
+        if isinstance(value, (list, tuple)) and listy:
+            return _coerce(value, listy[0], where)
+        return _coerce(value, args[0], where)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return from_dict(tp, value, where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return int(value)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    if origin in (list, tuple):
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        args = typing.get_args(tp)
+        inner = args[0] if args else Any
+        items = [_coerce(v, inner, f"{where}[{i}]") if inner is not Any else v for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    return value  # Any / dict: taken as is, checked by whoever consumes it
+
+
+def from_dict(cls: type, data: dict[str, Any], where: str = "config") -> Any:
+    """Build dataclass `cls` from a mapping; unknown keys are an error naming the nearest valid key."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            raise ConfigError(f"{where}: unknown key '{key}'.{_suggest(key, names)}")
+        kwargs[key] = _coerce(value, hints[key], f"{where}.{key}")
+    return cls(**kwargs)
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    return dataclasses.asdict(obj)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b=c` overrides to a raw config mapping; values are parsed as YAML scalars/lists."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value (e.g. training.lr=1e-4)")
+        dotted, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw.strip() else ""
+        node = data
+        parts = dotted.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}': '{part}' is not a section")
+        node[parts[-1]] = value
+    return data
+
+
+def load_run_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """YAML file (optional) + overrides -> RunConfig; adapter keys are validated by the method."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = resolve_config_path(path)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    data = apply_overrides(data, overrides or [])
+    cfg = from_dict(RunConfig, data, where=str(path) if path else "config")
+    validate_run_config(cfg)
+    return cfg
+
+
+def validate_run_config(cfg: RunConfig) -> None:
+    from plugtune.adapters import registry  # late import: registry imports method modules
+
+    choices = {
+        "data.overflow": (cfg.data.overflow, ("truncate", "drop")),
+        "data.train_on": (cfg.data.train_on, ("responses", "all")),
+        "training.schedule": (cfg.training.schedule, ("cosine", "linear", "constant")),
+        "model.dtype": (cfg.model.dtype, ("auto", "float32", "bfloat16")),
+    }
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}")
+    if cfg.method == "full":
+        if cfg.adapter:
+            raise ConfigError("method=full trains every parameter: remove the 'adapter' section")
+    else:
+        registry.get_method(cfg.method).parse_config(cfg.adapter)  # raises on unknown keys
+    t = cfg.training
+    if t.batch_size < 1 or t.grad_accum < 1:
+        raise ConfigError("training.batch_size and training.grad_accum must be >= 1")
+    if t.lr <= 0:
+        raise ConfigError("training.lr must be > 0")
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """A file path, or the name of a config shipped with plugtune (e.g. 'demo_lora')."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    shipped = Path(__file__).parent / "configs" / (p.name if p.suffix else p.name + ".yaml")
+    if shipped.is_file():
+        return shipped
+    raise ConfigError(f"config file '{path}' not found (shipped configs: {', '.join(shipped_configs())})")
+
+
+def shipped_configs() -> list[str]:
+    return sorted(p.stem for p in (Path(__file__).parent / "configs").glob("*.yaml"))

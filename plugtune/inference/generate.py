@@ -1,0 +1,110 @@
+"""Batched generation with a KV cache: greedy or sampling (temperature, top-k, top-p).
+
+Prompts are left-padded so every row's next token sits at the last position; position ids come
+from the attention mask so padding does not shift positions. Rows stop at an end token.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+
+
+def _sample(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Generator | None) -> torch.Tensor:
+    """logits (B, V) -> next token ids (B,)."""
+    if cfg.temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / cfg.temperature
+    if cfg.top_k > 0:
+        kth = torch.topk(logits, min(cfg.top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if cfg.top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > cfg.top_p  # keep the smallest set whose mass reaches top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate_ids(model: nn.Module, prompts: list[list[int]], stop_ids: list[int], pad_id: int,
+                 cfg: GenerationConfig | None = None) -> list[list[int]]:
+    """Continue each prompt (token ids); returns the new tokens per prompt, end token excluded."""
+    from transformers import DynamicCache
+
+    cfg = cfg or GenerationConfig()
+    device = next(model.parameters()).device
+    generator = None
+    if cfg.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros_like(ids)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):] = torch.tensor(p, device=device)
+        mask[row, width - len(p):] = 1
+    was_training = model.training
+    model.eval()
+    cache = DynamicCache()
+    stop = torch.tensor(stop_ids, device=device)
+    finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    out: list[list[int]] = [[] for _ in prompts]
+    step_ids = ids
+    for _ in range(cfg.max_new_tokens):
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -step_ids.shape[1]:]
+        logits = model(input_ids=step_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                       use_cache=True).logits[:, -1]  # (B, V)
+        nxt = _sample(logits, cfg, generator)
+        nxt = torch.where(finished, torch.full_like(nxt, pad_id), nxt)
+        for row in torch.nonzero(~finished).flatten().tolist():
+            tok = int(nxt[row])
+            if tok not in stop_ids:
+                out[row].append(tok)
+        finished |= torch.isin(nxt, stop)
+        if bool(finished.all()):
+            break
+        step_ids = nxt.unsqueeze(1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)  # finished rows' tokens are ignored
+    model.train(was_training)
+    return out
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    ids = {tokenizer.eos_token_id}
+    for token in ("<|im_end|>", "<|eot_id|>", "<|endoftext|>", "<end_of_turn>"):
+        tid = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid is not None:
+            ids.add(tid)
+    return sorted(i for i in ids if i is not None)
+
+
+def generate(model: nn.Module, tokenizer, prompts: list[str] | list[list[dict]], cfg: GenerationConfig | None = None,
+             batch_size: int = 16, chat: bool = True) -> list[str]:
+    """Generate a reply for each prompt: a user message string, or a list of chat messages."""
+    from plugtune.data.tokenize import prompt_ids
+
+    encoded = []
+    for p in prompts:
+        if chat:
+            messages = [{"role": "user", "content": p}] if isinstance(p, str) else p
+            encoded.append(prompt_ids(tokenizer, messages))
+        else:
+            encoded.append(tokenizer(p, add_special_tokens=True)["input_ids"])
+    stops = stop_token_ids(tokenizer)
+    texts: list[str] = []
+    for i in range(0, len(encoded), batch_size):
+        new = generate_ids(model, encoded[i:i + batch_size], stops, tokenizer.pad_token_id, cfg)
+        texts += [tokenizer.decode(t, skip_special_tokens=True) for t in new]
+    return texts
