@@ -123,9 +123,20 @@ def normalise(record: Any, fmt: str, where: str, system_prompt: str | None = Non
     return Example(messages=messages, meta=meta)
 
 
+PACKAGED_PREFIX = "plugtune:"
+
+
+def resolve_data_path(path: str | Path) -> Path:
+    """A file path, or 'plugtune:skills/dates_train.jsonl' for data shipped inside the package."""
+    text = str(path)
+    if text.startswith(PACKAGED_PREFIX):
+        return Path(__file__).parent / text[len(PACKAGED_PREFIX):]
+    return Path(path)
+
+
 def read_records(path: str | Path) -> list[tuple[str, Any]]:
     """(location, record) pairs from a .jsonl file (one object per line) or a .json array."""
-    path = Path(path)
+    path = resolve_data_path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     text = path.read_text(encoding="utf-8")
@@ -153,4 +164,9 @@ def load_examples(path: str | Path, fmt: str = "auto", system_prompt: str | None
     records = read_records(path)
     if not records:
         raise DataError(f"{path}: no records")
+    if fmt == "auto":  # one format per file, taken from the first record, so a broken record is named as such
+        where, first = records[0]
+        fmt = detect_format(first) if isinstance(first, dict) else None
+        if fmt is None:
+            normalise(first, "auto", where)  # raises the descriptive error
     return [normalise(r, fmt, where, system_prompt) for where, r in records]

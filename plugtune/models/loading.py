@@ -60,7 +60,9 @@ class LoadedModel:
 
 def load_base(name: str, dtype: str = "auto", device: str = "auto") -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # a sub-second weight load needs no progress bar
     path = resolve_model_dir(name)
     dev = pick_device(device)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=pick_dtype(dtype, dev)).to(dev)

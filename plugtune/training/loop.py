@@ -140,7 +140,7 @@ def fit(model: nn.Module, make_batch: Callable[[int], Batch], n_examples: int, c
                     f"the loss became {float(loss)} at step {step + 1}; training stopped and {where}. "
                     "Lower training.lr, enable clipping (training.max_grad_norm), or check the data for empty targets.")
             loss.backward()
-            loss_total += float(loss)
+            loss_total += float(loss.detach())
         grad_norm = _clip(model, cfg.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -51,20 +51,21 @@ def train(cfg: RunConfig, loaded: LoadedModel | None = None) -> TrainReport:
     out = Path(cfg.output.dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    # Read (and so validate) the data before spending time on the model.
+    train_examples = load_examples(cfg.data.train, cfg.data.format, cfg.data.system_prompt)
+    eval_examples = load_examples(cfg.data.eval, cfg.data.format, cfg.data.system_prompt) if cfg.data.eval else []
+    if cfg.data.eval_limit:
+        eval_examples = eval_examples[: cfg.data.eval_limit]
     loaded = prepare_model(cfg, loaded)
     model, tok = loaded.model, loaded.tokenizer
     device = next(model.parameters()).device
 
-    train_items, stats = tokenize_dataset(tok, load_examples(cfg.data.train, cfg.data.format, cfg.data.system_prompt),
-                                          cfg.data.max_length, cfg.data.overflow, cfg.data.train_on)
+    train_items, stats = tokenize_dataset(tok, train_examples, cfg.data.max_length, cfg.data.overflow, cfg.data.train_on)
     print(f"[plugtune] train data: {stats.summary()}")
     if not train_items:
         raise ValueError(f"{cfg.data.train}: no usable examples after tokenization ({stats.summary()})")
     eval_batches = None
-    if cfg.data.eval:
-        eval_examples = load_examples(cfg.data.eval, cfg.data.format, cfg.data.system_prompt)
-        if cfg.data.eval_limit:
-            eval_examples = eval_examples[: cfg.data.eval_limit]
+    if eval_examples:
         eval_items, eval_stats = tokenize_dataset(tok, eval_examples, cfg.data.max_length, cfg.data.overflow,
                                                   cfg.data.train_on)
         print(f"[plugtune] eval data: {eval_stats.summary()}")

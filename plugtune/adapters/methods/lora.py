@@ -40,14 +40,6 @@ class LoraConfig:
         return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
 
-class _Magnitude(nn.Module):
-    """DoRA's magnitude vector, held as `.weight` so its key matches PEFT's."""
-
-    def __init__(self, weight: torch.Tensor):
-        super().__init__()
-        self.weight = nn.Parameter(weight)
-
-
 class LoraLinear(AdapterLayer):
     adapter_module_names = ("lora_A", "lora_B", "lora_magnitude_vector")
 
@@ -58,7 +50,7 @@ class LoraLinear(AdapterLayer):
         self.in_features, self.out_features = (w.shape[0], w.shape[1]) if self.fan_in_fan_out else (w.shape[1], w.shape[0])
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
-        self.lora_magnitude_vector = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ParameterDict()  # DoRA m; saved as PEFT's '...lora_magnitude_vector'
         self.lora_dropout = nn.ModuleDict()
         self.scaling: dict[str, float] = {}
 
@@ -73,7 +65,7 @@ class LoraLinear(AdapterLayer):
         self.scaling[name] = cfg.scaling
         self.configs[name] = cfg
         if cfg.use_dora:
-            self.lora_magnitude_vector[name] = _Magnitude(self._column_norm(self._weight_out_in().float()))
+            self.lora_magnitude_vector[name] = nn.Parameter(self._column_norm(self._weight_out_in().detach().float()))
         self.active_adapters = [*self.active_adapters, name] if name not in self.active_adapters else self.active_adapters
 
     def _weight_out_in(self) -> torch.Tensor:
@@ -98,7 +90,7 @@ class LoraLinear(AdapterLayer):
                 # DoRA: scale = m / ||W + sBA||, the norm detached (paper sec. 4.3) as PEFT does.
                 weight = self._weight_out_in().to(lora_out.dtype)
                 norm = self._column_norm(weight + self.delta_weight(name)).detach()
-                scale = self.lora_magnitude_vector[name].weight / norm  # (out,)
+                scale = self.lora_magnitude_vector[name] / norm  # (out,)
                 bias = self.base_layer.bias
                 base_no_bias = result - bias if bias is not None else result
                 lora_out = (scale - 1) * base_no_bias.to(lora_out.dtype) + scale * lora_out
@@ -109,7 +101,7 @@ class LoraLinear(AdapterLayer):
         w = (weight.T if self.fan_in_fan_out else weight).float()
         new = w + self.delta_weight(name).float()
         if name in self.lora_magnitude_vector:
-            new = new * (self.lora_magnitude_vector[name].weight.float() / self._column_norm(new)).unsqueeze(1)
+            new = new * (self.lora_magnitude_vector[name].float() / self._column_norm(new)).unsqueeze(1)
         return new.T if self.fan_in_fan_out else new
 
 
@@ -121,7 +113,11 @@ def attach_lora(model: nn.Module, cfg: LoraConfig, name: str) -> list[str]:
         if not isinstance(layer, LoraLinear):
             raise TypeError(f"{module_name} already carries a {type(layer).__name__}; cannot add LoRA to it")
         layer.add_adapter(name, cfg)
-    cfg.target_modules = targets if isinstance(targets, str) else sorted({n.rsplit(".", 1)[-1] for n in names})
+    # Save concrete names PEFT can match: the given list, or the leaf names 'all-linear' resolved to.
+    if targets == "all-linear":
+        cfg.target_modules = sorted({n.rsplit(".", 1)[-1] for n in names})
+    else:
+        cfg.target_modules = targets
     return names
 
 

@@ -1,0 +1,170 @@
+"""plugtune CLI: train | generate | chat | eval | demo (and the commands later issues add).
+
+Every command is a thin shell over a plain Python function, so notebooks get the same behaviour.
+Errors from bad input (config, data, model paths, adapters) print one clear line and exit 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m", help="built-in name or local model directory")
+    p.add_argument("--adapter", default=None, help="adapter directory (plugtune or PEFT format)")
+    p.add_argument("--force", action="store_true", help="load an adapter even if it was made for another base")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+
+
+def _add_gen_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+
+
+def _gen_config(args):
+    from plugtune.inference.generate import GenerationConfig
+
+    return GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, seed=args.seed)
+
+
+def cmd_train(args) -> None:
+    from plugtune.config import load_run_config
+    from plugtune.training.run import train
+
+    cfg = load_run_config(args.config, args.overrides)
+    report = train(cfg)
+    print(json.dumps({k: v for k, v in vars(report).items()}, indent=2))
+
+
+def cmd_generate(args) -> None:
+    from plugtune.api import load
+    from plugtune.inference.generate import generate
+
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        with open(args.prompts_file) as f:
+            prompts += [line.rstrip("\n") for line in f if line.strip()]
+    if not prompts:
+        raise ValueError("give at least one --prompt or a --prompts-file")
+    lm = load(args.model, args.adapter, args.dtype, args.device, args.force)
+    for prompt, out in zip(prompts, generate(lm.model, lm.tokenizer, prompts, _gen_config(args), chat=not args.raw)):
+        print(json.dumps({"prompt": prompt, "output": out}, ensure_ascii=False) if args.json else out)
+
+
+def cmd_chat(args) -> None:
+    from plugtune.api import load
+    from plugtune.inference.generate import generate
+
+    lm = load(args.model, args.adapter, args.dtype, args.device, args.force)
+    history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
+    print("plugtune chat — empty line or /exit quits, /reset clears the conversation")
+    for line in sys.stdin if not sys.stdin.isatty() else iter(lambda: input("you> "), None):
+        text = line.strip()
+        if not text or text == "/exit":
+            break
+        if text == "/reset":
+            history = history[:1] if args.system else []
+            continue
+        history.append({"role": "user", "content": text})
+        reply = generate(lm.model, lm.tokenizer, [history], _gen_config(args))[0]
+        history.append({"role": "assistant", "content": reply})
+        print(f"assistant> {reply}", flush=True)
+
+
+def cmd_eval(args) -> None:
+    from plugtune.api import load
+    from plugtune.data import load_examples
+    from plugtune.evaluation import exact_match, loss_and_perplexity
+
+    examples = load_examples(args.data, args.format)
+    if args.limit:
+        examples = examples[: args.limit]
+    lm = load(args.model, args.adapter, args.dtype, args.device, args.force)
+    result = {"data": args.data, **loss_and_perplexity(lm.model, lm.tokenizer, examples, args.max_length)}
+    if args.exact_match:
+        em = exact_match(lm.model, lm.tokenizer, examples, _gen_config(args))
+        result.update(exact_match=em.accuracy, correct=em.correct, total=em.total, generate_seconds=round(em.seconds, 2))
+        if args.show:
+            for s in em.samples[: args.show]:
+                print(json.dumps(s, ensure_ascii=False))
+    print(json.dumps(result, indent=2))
+
+
+def cmd_demo(args) -> None:
+    from plugtune.demo import run_demo
+
+    run_demo(skill=args.skill, model=args.model, out=args.out, steps=args.steps, n_test=args.n_test,
+             overrides=args.overrides)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="plugtune", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train from a YAML config (full fine-tuning or an adapter)")
+    p.add_argument("config", help="YAML file, or the name of a shipped config (demo_lora, lora_sft, full_finetune)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. training.lr=1e-4 adapter.r=16")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("generate", help="generate replies to prompts")
+    _add_model_args(p)
+    _add_gen_args(p)
+    p.add_argument("--prompt", action="append", help="a user message (repeatable)")
+    p.add_argument("--prompts-file", help="one user message per line")
+    p.add_argument("--raw", action="store_true", help="plain continuation, no chat template")
+    p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive multi-turn chat (reads stdin)")
+    _add_model_args(p)
+    _add_gen_args(p)
+    p.add_argument("--system", default=None, help="system prompt")
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("eval", help="loss/perplexity on a dataset, optionally exact-match accuracy")
+    _add_model_args(p)
+    _add_gen_args(p)
+    p.add_argument("--data", required=True, help="JSONL/JSON file (or plugtune:skills/<skill>_test.jsonl)")
+    p.add_argument("--format", default="auto")
+    p.add_argument("--limit", type=int, default=0)
+    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--exact-match", action="store_true", help="also generate answers and score exact match")
+    p.add_argument("--show", type=int, default=0, help="print N sample generations")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("demo", help="before/after table: teach the default model a skill with LoRA")
+    p.add_argument("--skill", default="dates")
+    p.add_argument("--model", default=None, help="override the demo's model (default smollm2-135m)")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--n-test", type=int, default=100)
+    p.add_argument("overrides", nargs="*", help="dotted overrides of the demo config")
+    p.set_defaults(func=cmd_demo)
+
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from plugtune.adapters.io import AdapterMismatchError
+    from plugtune.config import ConfigError
+    from plugtune.data.formats import DataError
+    from plugtune.training.loop import NonFiniteLossError
+
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ConfigError, DataError, AdapterMismatchError, NonFiniteLossError, FileNotFoundError, ValueError,
+            KeyError) as exc:
+        print(f"plugtune {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

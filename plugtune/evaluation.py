@@ -1,0 +1,57 @@
+"""Evaluation: loss/perplexity on a dataset, and exact-match accuracy of generated answers."""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from plugtune.data import Example, tokenize_dataset
+from plugtune.data.batching import collate
+from plugtune.inference.generate import GenerationConfig, generate
+from plugtune.training.loop import evaluate_loss
+from plugtune.training.objectives import CausalLMObjective
+
+
+@dataclass
+class ExactMatchResult:
+    accuracy: float
+    correct: int
+    total: int
+    seconds: float
+    samples: list[dict] = field(default_factory=list)  # prompt, reference, generated, correct
+
+
+def normalise_answer(text: str) -> str:
+    """Exact match ignores surrounding whitespace only: the answer format is part of the skill."""
+    return text.strip()
+
+
+def loss_and_perplexity(model: nn.Module, tokenizer, examples: list[Example], max_length: int = 512,
+                        batch_size: int = 8, train_on: str = "responses") -> dict:
+    items, stats = tokenize_dataset(tokenizer, examples, max_length, "truncate", train_on)
+    batches = [collate(items[i:i + batch_size], tokenizer.pad_token_id) for i in range(0, len(items), batch_size)]
+    device = next(model.parameters()).device
+    loss = evaluate_loss(model, batches, CausalLMObjective(), device)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50)), "examples": stats.kept,
+            "supervised_tokens": stats.supervised_tokens}
+
+
+def exact_match(model: nn.Module, tokenizer, examples: list[Example], gen: GenerationConfig | None = None,
+                batch_size: int = 16) -> ExactMatchResult:
+    """Generate an answer to each example's prompt and compare it with its last assistant message."""
+    usable = [ex for ex in examples if ex.reference is not None]
+    if not usable:
+        raise ValueError("exact match needs examples with an assistant answer (the reference)")
+    gen = gen or GenerationConfig(max_new_tokens=48)
+    t0 = time.perf_counter()
+    outputs = generate(model, tokenizer, [ex.prompt_messages() for ex in usable], gen, batch_size=batch_size)
+    samples = []
+    for ex, out in zip(usable, outputs):
+        ok = normalise_answer(out) == normalise_answer(ex.reference)
+        samples.append({"prompt": ex.prompt_messages()[-1]["content"], "reference": ex.reference,
+                        "generated": out, "correct": ok})
+    correct = sum(s["correct"] for s in samples)
+    return ExactMatchResult(accuracy=correct / len(samples), correct=correct, total=len(samples),
+                            seconds=time.perf_counter() - t0, samples=samples)

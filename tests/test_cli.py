@@ -1,0 +1,85 @@
+"""End to end on the tiny model: plugtune train -> generate -> eval, full fine-tuning and LoRA."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from plugtune.cli import main
+
+
+@pytest.fixture
+def data_file(tmp_path):
+    rows = [{"messages": [{"role": "user", "content": f"what is {i}"}, {"role": "assistant", "content": f"{i % 7}"}]}
+            for i in range(24)]
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def train_args(model_dir, data_file, out, *extra):
+    return ["train", "lora_sft", f"model.name={model_dir}", f"data.train={data_file}", f"data.eval={data_file}",
+            f"output.dir={out}", "training.max_steps=4", "training.batch_size=4", "training.grad_accum=1",
+            "training.eval_every=2", "training.save_every=2", "training.progress=false", "training.epochs=1", *extra]
+
+
+def test_train_generate_eval_with_lora(tmp_path, tiny_model_dir, data_file, capsys):
+    out = tmp_path / "run"
+    assert main(train_args(tiny_model_dir, data_file, out, "adapter.r=4", "training.lr=1e-2")) == 0
+    report = json.loads((out / "train_report.json").read_text())
+    assert report["steps"] == 4 and report["trainable_params"] > 0
+    adapter = out / "adapter"
+    assert {p.name for p in adapter.iterdir()} >= {"adapter_config.json", "adapter_model.safetensors"}
+    assert (out / "loss_curve.png").is_file() and (out / "metrics.jsonl").is_file()
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-0000002", "step-0000004"]
+    capsys.readouterr()
+
+    assert main(["generate", "--model", str(tiny_model_dir), "--adapter", str(adapter), "--prompt", "what is 3",
+                 "--max-new-tokens", "5", "--json"]) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["prompt"] == "what is 3" and isinstance(line["output"], str)
+
+    assert main(["generate", "--model", str(tiny_model_dir), "--prompt", "hi", "--max-new-tokens", "4",
+                 "--temperature", "0.8", "--top-p", "0.9", "--seed", "1"]) == 0
+    capsys.readouterr()
+
+    assert main(["eval", "--model", str(tiny_model_dir), "--adapter", str(adapter), "--data", str(data_file),
+                 "--exact-match", "--max-new-tokens", "3", "--limit", "8"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["total"] == 8 and 0 <= result["exact_match"] <= 1 and result["perplexity"] > 1
+
+
+def test_resume_after_finished_run_is_a_no_op_and_keeps_checkpoints(tmp_path, tiny_model_dir, data_file):
+    out = tmp_path / "run"
+    assert main(train_args(tiny_model_dir, data_file, out)) == 0
+    before = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert main(train_args(tiny_model_dir, data_file, out)) == 0  # resume=auto finds the final checkpoint
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
+
+
+def test_full_finetune_writes_a_plain_transformers_model(tmp_path, tiny_model_dir, data_file):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "full"
+    assert main(train_args(tiny_model_dir, data_file, out, "method=full", "adapter=null", "training.lr=1e-3")) == 0
+    model = AutoModelForCausalLM.from_pretrained(out / "model")
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    changed = [n for (n, p), (_, q) in zip(model.named_parameters(), base.named_parameters()) if not torch.equal(p, q)]
+    assert len(changed) == len(list(base.named_parameters()))  # every parameter trained
+
+
+def test_bad_inputs_give_one_clear_error(tmp_path, tiny_model_dir, data_file, capsys):
+    assert main(train_args(tiny_model_dir, data_file, tmp_path / "x", "training.seeed=1")) == 2
+    assert "Did you mean 'seed'" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a"}\n')
+    assert main(train_args(tiny_model_dir, bad, tmp_path / "y")) == 2
+    assert "bad.jsonl:2: missing field 'completion'" in capsys.readouterr().err
+    assert main(["generate", "--model", "HuggingFaceTB/SmolLM2-1.7B", "--prompt", "hi"]) == 2
+    assert "never downloads" in capsys.readouterr().err
+
+
+def test_console_script_is_installed():
+    out = subprocess.run([sys.executable, "-m", "plugtune.cli", "--help"], capture_output=True, text=True, check=True)
+    assert "train" in out.stdout and "demo" in out.stdout

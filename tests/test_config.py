@@ -1,0 +1,48 @@
+"""Configs: every shipped file loads; unknown keys name the nearest valid one; overrides."""
+import pytest
+
+from plugtune.config import ConfigError, load_run_config, shipped_configs
+
+
+@pytest.mark.parametrize("name", shipped_configs())
+def test_every_shipped_config_loads(name):
+    from plugtune.adapters.registry import get_method
+    from plugtune.data import load_examples
+
+    cfg = load_run_config(name)
+    if cfg.method != "full":
+        get_method(cfg.method).parse_config(cfg.adapter)
+    assert load_examples(cfg.data.train) and (not cfg.data.eval or load_examples(cfg.data.eval))
+
+
+def test_shipped_configs_exist():
+    assert {"demo_lora", "full_finetune", "lora_sft"} <= set(shipped_configs())
+
+
+def test_unknown_key_suggests_the_nearest(tmp_path):
+    with pytest.raises(ConfigError, match="unknown key 'learning_rate'.*"):
+        load_run_config(None, ["training.learning_rate=1e-3"])
+    with pytest.raises(ConfigError, match="Did you mean 'batch_size'"):
+        load_run_config(None, ["training.batchsize=4"])
+    with pytest.raises(ConfigError, match="Did you mean 'alpha'"):
+        load_run_config(None, ["adapter.alpah=4"])
+    with pytest.raises(ConfigError, match="Did you mean 'lora'"):
+        load_run_config(None, ["method=lorra"])
+
+
+def test_overrides_and_types(tmp_path):
+    cfg = load_run_config("demo_lora", ["training.lr=1e-4", "adapter.r=4", "adapter.target_modules=[q_proj,v_proj]",
+                                        "training.progress=false"])
+    assert cfg.training.lr == 1e-4 and cfg.adapter["r"] == 4 and cfg.training.progress is False
+    with pytest.raises(ConfigError, match="expected an integer"):
+        load_run_config(None, ["training.batch_size=two"])
+    with pytest.raises(ConfigError, match="not one of"):
+        load_run_config(None, ["data.overflow=explode"])
+    with pytest.raises(ConfigError, match="remove the 'adapter' section"):
+        load_run_config(None, ["method=full", "adapter.r=4"])
+    with pytest.raises(ConfigError, match="key=value"):
+        load_run_config(None, ["training.lr"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("training: [1, 2")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_run_config(bad)
