@@ -103,6 +103,30 @@ def cmd_demo(args) -> None:
              overrides=args.overrides)
 
 
+def cmd_merge(args) -> None:
+    from plugtune.adapters.merge import merge_and_save
+    from plugtune.api import load
+
+    lm = load(args.model, args.adapter, "float32", "cpu", args.force)
+    out = merge_and_save(lm.model, lm.tokenizer, args.out)
+    print(f"merged model written to {out} (loads with transformers.AutoModelForCausalLM.from_pretrained)")
+
+
+def cmd_adapters_info(args) -> None:
+    import json as _json
+
+    from plugtune.adapters.report import method_costs, format_costs
+    from plugtune.api import load
+
+    lm = load(args.model, None, "float32", args.device)
+    rows = method_costs(lm.model, batch=args.batch, seq_len=args.seq_len, repeats=args.repeats)
+    print(format_costs(rows, f"adapter methods on {args.model} (forward of {args.batch}x{args.seq_len} tokens, "
+                             f"median of {args.repeats})"))
+    if args.json:
+        with open(args.json, "w") as f:
+            _json.dump([vars(r) for r in rows], f, indent=2)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="plugtune", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -146,6 +170,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-test", type=int, default=100)
     p.add_argument("overrides", nargs="*", help="dotted overrides of the demo config")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("merge", help="fold an adapter (LoRA, DoRA, IA3) into the base and save a plain model")
+    _add_model_args(p)
+    p.add_argument("--out", required=True, help="output model directory")
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("adapters", help="adapter methods: `plugtune adapters info` prints their costs")
+    adapters_sub = p.add_subparsers(dest="adapters_command", required=True)
+    p = adapters_sub.add_parser("info", help="trainable parameters, %% of the base, latency unmerged vs merged")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    p.set_defaults(func=cmd_adapters_info)
 
     return parser
 

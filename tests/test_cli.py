@@ -83,3 +83,12 @@ def test_bad_inputs_give_one_clear_error(tmp_path, tiny_model_dir, data_file, ca
 def test_console_script_is_installed():
     out = subprocess.run([sys.executable, "-m", "plugtune.cli", "--help"], capture_output=True, text=True, check=True)
     assert "train" in out.stdout and "demo" in out.stdout
+
+
+def test_chat_keeps_the_conversation(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    import io
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n/reset\nwhat is 3\n/exit\n"))
+    assert main(["chat", "--model", str(tiny_model_dir), "--max-new-tokens", "3", "--system", "be brief"]) == 0
+    replies = [l for l in capsys.readouterr().out.splitlines() if l.startswith("assistant> ")]
+    assert len(replies) == 2

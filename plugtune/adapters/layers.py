@@ -82,6 +82,10 @@ class AdapterLayer(nn.Module):
     def merged_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
         raise TypeError(f"{type(self).__name__} cannot be merged into the base weights")
 
+    @property
+    def can_merge(self) -> bool:
+        return type(self).merged_weight is not AdapterLayer.merged_weight
+
 
 def _is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"

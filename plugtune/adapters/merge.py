@@ -1,0 +1,21 @@
+"""Fold an adapter into the base weights and write a plain model directory (no plugtune needed)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from plugtune.adapters.layers import adapter_layers, merge_adapters, unwrap_merged
+
+
+def merge_and_save(model, tokenizer, out_dir: str | Path, name: str = "default") -> Path:
+    """Merge adapter `name` into `model` (in place), unwrap, and save with safetensors."""
+    not_mergeable = sorted({type(layer).__name__ for _, layer in adapter_layers(model)
+                            if name in layer.configs and not layer.can_merge})
+    if not_mergeable:
+        raise ValueError(f"adapter '{name}' uses {', '.join(not_mergeable)}, which cannot be folded into the base "
+                         "weights (it is non-linear or adds inputs); serve it unmerged instead")
+    merge_adapters(model, [name])
+    unwrap_merged(model)
+    out = Path(out_dir)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out
