@@ -18,6 +18,7 @@ from torch import nn
 
 from plugtune.adapters.layers import adapter_layers, adapter_names, adapter_state, base_parameters, mark_trainable
 from plugtune.adapters.registry import AdapterMethod, get_method, method_from_saved
+from plugtune.adapters.modules_to_save import attach_modules_to_save, remove_modules_to_save
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -36,7 +37,15 @@ def attach_adapter(model: nn.Module, method: str | AdapterMethod, cfg: Any = Non
     if name in adapter_names(model):
         raise ValueError(f"the model already has an adapter named '{name}'")
     cfg = method.parse_config(cfg or {})
-    wrapped = method.attach(model, cfg, name)
+    # Whole modules trained alongside (PEFT's modules_to_save), copied first so that the method's
+    # targets never land inside them.
+    entries = getattr(cfg, "modules_to_save", None)
+    copied = attach_modules_to_save(model, entries, cfg, name) if entries else []
+    try:
+        wrapped = method.attach(model, cfg, name) + copied
+    except Exception:
+        remove_modules_to_save(model, name)
+        raise
     for _, layer in adapter_layers(model):
         layer.train(model.training)
     if trainable:
@@ -63,9 +72,22 @@ def _all_methods():
 
 def to_saved_key(key: str, name: str) -> str:
     """'model.layers.0.q_proj.lora_A.default.weight' -> PEFT's 'base_model.model.model.layers.0.q_proj.lora_A.weight'."""
+    # PEFT saves a modules_to_save copy under the module's own name: 'classifier.modules_to_save.default.weight'
+    # -> 'classifier.weight' (ModulesToSaveWrapper.adapter_state_dict).
+    key = key.replace(f".modules_to_save.{name}.", ".")
     parts = key.split(".")
     parts = [p for p in parts if p != name] if name in parts else parts
     return _PEFT_PREFIX + ".".join(parts)
+
+
+# PEFT's wrappers for models with a task head; its causal-LM wrapper fails on them (no generation methods).
+_PEFT_TASKS = {"ForSequenceClassification": "SEQ_CLS", "ForTokenClassification": "TOKEN_CLS"}
+
+
+def peft_task_type(model: nn.Module, default: str) -> str:
+    """PEFT's task_type for this model: by its head class (BertForSequenceClassification -> SEQ_CLS)."""
+    cls = type(model).__name__
+    return next((task for suffix, task in _PEFT_TASKS.items() if cls.endswith(suffix)), default)
 
 
 def base_fingerprint(model: nn.Module) -> dict[str, str]:
@@ -92,8 +114,13 @@ def save_adapter(model: nn.Module, out_dir: str | Path, name: str = "default", b
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     method, cfg = _adapter_method_and_config(model, name)
-    state = {to_saved_key(k, name): p.detach().to("cpu").contiguous() for k, p in adapter_state(model, name).items()}
+    if method.saved_state is not None:
+        state = {k: t.detach().to("cpu").contiguous() for k, t in method.saved_state(model, name).items()}
+    else:
+        state = {to_saved_key(k, name): p.detach().to("cpu").contiguous() for k, p in adapter_state(model, name).items()}
     saved_cfg = method.saved_config(cfg)
+    if "task_type" in saved_cfg:  # a PEFT config: PEFT picks its model wrapper by task type
+        saved_cfg["task_type"] = peft_task_type(model, saved_cfg["task_type"])
     base_name = base_name or getattr(getattr(model, "config", None), "_name_or_path", None)
     saved_cfg["base_model_name_or_path"] = str(base_name) if base_name else None
     # Write to temporary names, then rename: a crash never leaves a half-written adapter.
@@ -150,7 +177,11 @@ def load_adapter(model: nn.Module, path: str | Path, name: str = "default", forc
         raise FileNotFoundError(f"{weights_file} is missing")
     saved_state = load_file(str(weights_file))
     ours = adapter_state(model, name)
-    expected = {to_saved_key(k, name): k for k in ours}
+    if method.load_state is not None:
+        saved_state = method.load_state(model, name, saved_state)
+        expected = {k: k for k in ours}
+    else:
+        expected = {to_saved_key(k, name): k for k in ours}
     missing = sorted(set(expected) - set(saved_state))
     unexpected = sorted(set(saved_state) - set(expected))
     if missing or unexpected:

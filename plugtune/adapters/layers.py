@@ -86,6 +86,10 @@ class AdapterLayer(nn.Module):
     def can_merge(self) -> bool:
         return type(self).merged_weight is not AdapterLayer.merged_weight
 
+    def unwrapped(self) -> nn.Module:
+        """The plain module that replaces this wrapper once merged (see unwrap_merged)."""
+        return self.base_layer
+
 
 def _is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
@@ -96,9 +100,13 @@ def find_targets(model: nn.Module, target_modules: list[str] | str, kind=_is_lin
     (PEFT's rule); a string is a regex that must match the whole name; 'all-linear' takes every
     linear layer but the LM head."""
     names = []
+    wrappers: list[str] = []  # modules inside a wrapper (its base, other adapters' parts) are never targets
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     for name, module in model.named_modules():
-        if isinstance(module, AdapterLayer) or ".base_layer" in name or name.endswith("base_layer"):
+        if isinstance(module, AdapterLayer):
+            wrappers.append(name + ".")
+            continue
+        if any(name.startswith(w) for w in wrappers) or ".base_layer" in name or name.endswith("base_layer"):
             continue
         if target_modules == ALL_LINEAR:
             hit = _is_linear(module) and module is not head
@@ -214,5 +222,5 @@ def unwrap_merged(model: nn.Module) -> nn.Module:
     """Replace every wrapper by its (merged) base layer: a plain model transformers can save."""
     for name, layer in list(adapter_layers(model)):
         parent, child = get_submodule_parent(model, name)
-        setattr(parent, child, layer.base_layer)
+        setattr(parent, child, layer.unwrapped())
     return model

@@ -22,6 +22,12 @@ class AdapterMethod:
     # adapter_config.json <-> config dataclass; defaults write/read our fields plus `method`.
     to_saved: Callable[[Any], dict] | None = None
     from_saved: Callable[[dict], Any] | None = None
+    # Weights file <-> adapter parameters, for methods whose file is not one tensor per parameter
+    # keyed by module path (PEFT's prompt learning writes a single `prompt_embeddings`).
+    # saved_state(model, name) -> {file key: tensor}; load_state(model, name, {file key: tensor})
+    # -> {adapter_state key: tensor}, which io checks (names, shapes) and copies in.
+    saved_state: Callable[[nn.Module, str], dict] | None = None
+    load_state: Callable[[nn.Module, str, dict], dict] | None = None
 
     def parse_config(self, raw: dict[str, Any] | Any) -> Any:
         if isinstance(raw, self.config_cls):
@@ -36,7 +42,7 @@ class AdapterMethod:
     def config_from_saved(self, saved: dict) -> Any:
         if self.from_saved is not None:
             return self.from_saved(saved)
-        fields = {k: v for k, v in saved.items() if k != "method"}
+        fields = {k: v for k, v in saved.items() if k not in ("method", "base_model_name_or_path")}
         return self.parse_config(fields)
 
 

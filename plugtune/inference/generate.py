@@ -2,13 +2,17 @@
 
 Prompts are left-padded so every row's next token sits at the last position; position ids come
 from the attention mask so padding does not shift positions. Rows stop at an end token.
+Prompt/prefix-tuning adapters are applied at prefill by `causal_lm.prepare_inputs`.
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from plugtune.models.causal_lm import cache_kwarg, prepare_inputs
 
 
 @dataclass
@@ -57,15 +61,20 @@ def generate_ids(model: nn.Module, prompts: list[list[int]], stop_ids: list[int]
         mask[row, width - len(p):] = 1
     was_training = model.training
     model.eval()
-    cache = DynamicCache()
+    cache, cache_key = DynamicCache(), cache_kwarg(model)
     stop = torch.tensor(stop_ids, device=device)
     finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     out: list[list[int]] = [[] for _ in prompts]
-    step_ids = ids
+    # Prefill: virtual inputs (soft prompt / KV prefix) enter here once; the mask then keeps their
+    # columns, so decode steps only append one token and one mask column, as for a plain model.
+    step, _ = prepare_inputs(model, ids, mask, cache)
+    # Only the last position's logits are needed: skip the (B, T, V) prompt logits at prefill.
+    keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
     for _ in range(cfg.max_new_tokens):
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -step_ids.shape[1]:]
-        logits = model(input_ids=step_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                       use_cache=True).logits[:, -1]  # (B, V)
+        mask = step["attention_mask"]
+        step_len = (step["input_ids"] if "input_ids" in step else step["inputs_embeds"]).shape[1]
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -step_len:]
+        logits = model(**step, position_ids=positions, use_cache=True, **keep).logits[:, -1]  # (B, V)
         nxt = _sample(logits, cfg, generator)
         nxt = torch.where(finished, torch.full_like(nxt, pad_id), nxt)
         for row in torch.nonzero(~finished).flatten().tolist():
@@ -75,8 +84,8 @@ def generate_ids(model: nn.Module, prompts: list[list[int]], stop_ids: list[int]
         finished |= torch.isin(nxt, stop)
         if bool(finished.all()):
             break
-        step_ids = nxt.unsqueeze(1)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)  # finished rows' tokens are ignored
+        step = {"input_ids": nxt.unsqueeze(1), "attention_mask": mask, cache_key: cache}
     model.train(was_training)
     return out
 

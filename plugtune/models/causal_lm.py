@@ -2,8 +2,26 @@
 
 Splitting them lets the loss apply the (vocabulary-sized) head only at positions that carry
 labels instead of materialising (B, T, V) logits.
+
+Virtual inputs. Prompt tuning and prefix tuning change the model's *inputs* rather than a layer.
+Models never import adapters, so they plug in through a duck-typed protocol: any submodule of
+the model with a method
+
+    virtual_inputs(batch_size: int) -> dict
+
+returns, for its live adapters (empty dict when none is live, e.g. under adapters_disabled):
+    "prompt": (B, n, C) embeddings put before the token embeddings        (prompt tuning), and/or
+    "prefix": [(key, value), ...] one pair per layer, each (B, H_kv, n, D), written to the KV
+              cache before the first token                                 (prefix tuning).
+`prepare_inputs` turns them into backbone kwargs. The attention mask is laid out
+[prefix | prompt | tokens], virtual columns all 1. Virtual tokens take the first positions, so
+the first real token sits at position n_prefix + n_prompt, as in PEFT (generation derives the
+positions from this mask; hidden_states leaves them to the model, the same for unpadded rows).
 """
 from __future__ import annotations
+
+import inspect
+from typing import Any
 
 import torch
 from torch import nn
@@ -24,7 +42,79 @@ def lm_head(model: nn.Module) -> nn.Module:
     return head
 
 
+def cache_kwarg(module: nn.Module) -> str:
+    """The forward's name for the KV cache: `cache` (recent transformers 5) or `past_key_values`."""
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+
+
+def prepare_inputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                   cache: Any = None) -> tuple[dict[str, Any], int]:
+    """Forward kwargs for `input_ids` (B, T) with every live virtual-input adapter applied, and the
+    number of leading output positions that are virtual (drop them to line up with input_ids).
+
+    Without such adapters this is {"input_ids", "attention_mask"} (+ the cache if given) and 0.
+    A given (empty) cache receives the prefix in place; without one, a prefix gets a new DynamicCache.
+    """
+    batch = input_ids.shape[0]
+    prompts: list[torch.Tensor] = []
+    prefixes: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
+    checkpointing = False
+    for module in model.modules():
+        provide = getattr(module, "virtual_inputs", None)
+        if callable(provide):
+            got = provide(batch)
+            if got.get("prompt") is not None:
+                prompts.append(got["prompt"])
+            if got.get("prefix") is not None:
+                prefixes.append(got["prefix"])
+        checkpointing = checkpointing or getattr(module, "gradient_checkpointing", False)
+    kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
+    key = cache_kwarg(model) if cache is not None or prefixes else None
+    if cache is not None:
+        kwargs[key] = cache
+    if not prompts and not prefixes:
+        return kwargs, 0
+    embed = model.get_input_embeddings()
+    dtype = embed.weight.dtype
+    virtual = 0
+    if prompts:  # Lester et al. 2021, sec. 2: [P_e; X_e] is fed to the frozen model
+        embeds = embed(input_ids)  # (B, T, C)
+        prompt = torch.cat(prompts, dim=1).to(dtype)  # (B, n_prompt, C)
+        kwargs.pop("input_ids")
+        kwargs["inputs_embeds"] = torch.cat([prompt, embeds], dim=1)  # (B, n_prompt + T, C)
+        virtual = prompt.shape[1]
+    n_prefix = 0
+    if prefixes:  # Li & Liang 2021, eq. 2: h_i = P_theta[i] for i in P_idx (here: per-layer K, V)
+        if checkpointing and model.training:  # checkpointed layers get no cache: the prefix would vanish
+            raise ValueError("prefix tuning does not work with gradient checkpointing; disable it")
+        if cache is None:
+            from transformers import DynamicCache
+
+            cache = DynamicCache()
+            kwargs[key] = cache
+        if cache.get_seq_length() > 0:
+            raise ValueError("prefix tuning needs an empty KV cache: the prefix goes before the first token")
+        for layer, pairs in enumerate(zip(*prefixes)):  # concatenate several prefix adapters along n
+            k = torch.cat([kv[0] for kv in pairs], dim=2).to(dtype)  # (B, H_kv, n_prefix, D)
+            v = torch.cat([kv[1] for kv in pairs], dim=2).to(dtype)
+            cache.update(k, v, layer)
+        n_prefix = sum(p[0][0].shape[2] for p in prefixes)
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    ones = attention_mask.new_ones(batch, n_prefix + virtual)
+    kwargs["attention_mask"] = torch.cat([ones, attention_mask], dim=1)  # (B, n_prefix + n_prompt + T)
+    return kwargs, virtual
+
+
 def hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs) -> torch.Tensor:
-    """Final hidden states (B, T, C) of the backbone."""
-    out = backbone(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
-    return out[0]
+    """Final hidden states (B, T, C) of the backbone, virtual positions (if any) dropped."""
+    inputs, virtual = prepare_inputs(model, input_ids, attention_mask)
+    out = backbone(model)(**inputs, use_cache=False, **kwargs)
+    return out[0][:, virtual:] if virtual else out[0]
+
+
+def forward_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Full logits (B, T, V) aligned with input_ids, virtual inputs applied. Prefer this to
+    `model(...)`, which runs the base without prompt/prefix adapters."""
+    inputs, virtual = prepare_inputs(model, input_ids, attention_mask)
+    return model(**inputs, use_cache=False).logits[:, virtual:]

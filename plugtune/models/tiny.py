@@ -67,6 +67,26 @@ def build_model(arch: str = "llama", vocab_size: int = 400, hidden: int = 64, la
     raise ValueError(f"unknown tiny arch {arch!r} (llama | gpt2)")
 
 
+def build_classifier(arch: str = "bert", vocab_size: int = 400, num_labels: int = 5, hidden: int = 64,
+                     layers: int = 2, seed: int = 0):
+    """A tiny random sequence classifier: BERT (head `classifier` on the pooled [CLS]) or Llama (head
+    `score` on the last non-pad token)."""
+    from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(seed)
+    if arch == "bert":
+        cfg = BertConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+                         intermediate_size=hidden * 2, max_position_embeddings=128, num_labels=num_labels,
+                         pad_token_id=0)
+        return BertForSequenceClassification(cfg).eval()
+    if arch == "llama":
+        cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=hidden * 2,
+                          num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                          max_position_embeddings=128, num_labels=num_labels, pad_token_id=0)
+        return LlamaForSequenceClassification(cfg).eval()
+    raise ValueError(f"unknown tiny classifier arch {arch!r} (bert | llama)")
+
+
 def save_tiny_model_dir(path: str | Path, arch: str = "llama", seed: int = 0) -> Path:
     """A complete local model directory (weights + tokenizer) that `load_base` accepts."""
     path = Path(path)

@@ -28,6 +28,7 @@ class LoraConfig:
     target_modules: list[str] | str = "attention"  # names, a regex, 'all-linear' or 'attention'
     use_rslora: bool = False
     use_dora: bool = False
+    modules_to_save: list[str] | None = None  # modules trained whole alongside, e.g. ["classifier"]
 
     def __post_init__(self):
         if self.r < 1:
@@ -125,14 +126,14 @@ def _to_peft(cfg: LoraConfig) -> dict:
     return {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.r, "lora_alpha": cfg.alpha,
         "lora_dropout": cfg.dropout, "target_modules": cfg.target_modules, "use_rslora": cfg.use_rslora,
-        "use_dora": cfg.use_dora, "fan_in_fan_out": False, "bias": "none", "modules_to_save": None,
+        "use_dora": cfg.use_dora, "fan_in_fan_out": False, "bias": "none", "modules_to_save": cfg.modules_to_save,
         "init_lora_weights": True, "inference_mode": True,
     }
 
 
 def _from_peft(saved: dict) -> LoraConfig:
     unsupported = {k: saved[k] for k in ("bias",) if saved.get(k) not in (None, "none")}
-    for key in ("modules_to_save", "layers_to_transform", "rank_pattern", "alpha_pattern"):
+    for key in ("layers_to_transform", "rank_pattern", "alpha_pattern"):
         if saved.get(key):
             unsupported[key] = saved[key]
     if unsupported:
@@ -142,6 +143,7 @@ def _from_peft(saved: dict) -> LoraConfig:
         r=int(saved["r"]), alpha=float(saved.get("lora_alpha", 8)), dropout=float(saved.get("lora_dropout", 0.0)),
         target_modules=targets if isinstance(targets, str) else sorted(targets),
         use_rslora=bool(saved.get("use_rslora", False)), use_dora=bool(saved.get("use_dora", False)),
+        modules_to_save=list(saved["modules_to_save"]) if saved.get("modules_to_save") else None,
     )
 
 
