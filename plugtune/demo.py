@@ -23,7 +23,8 @@ def dir_size_mb(path: Path, pattern: str = "*") -> float:
 
 
 def run_demo(skill: str = "dates", model: str | None = None, out: str = "runs/demo", steps: int | None = None,
-             n_test: int = 100, overrides: list[str] | None = None, samples: int = 4) -> dict:
+             n_test: int = 100, overrides: list[str] | None = None, samples: int = 4, before=None) -> dict:
+    """Evaluate, train an adapter, evaluate again; `before` reuses an earlier base evaluation."""
     if skill not in SKILLS:
         raise ValueError(f"unknown skill '{skill}' (built-in: {', '.join(SKILLS)})")
     extra = [f"data.train=plugtune:skills/{skill}_train.jsonl", f"data.eval=plugtune:skills/{skill}_test.jsonl",
@@ -38,8 +39,9 @@ def run_demo(skill: str = "dates", model: str | None = None, out: str = "runs/de
     test = load_examples(cfg.data.eval)[:n_test]
     gen = GenerationConfig(max_new_tokens=24)  # greedy; every answer of the built-in skills is shorter
 
-    print(f"[demo] skill '{skill}': evaluating the base model on {len(test)} held-out examples ...")
-    before = exact_match(loaded.model, loaded.tokenizer, test, gen)
+    if before is None:
+        print(f"[demo] skill '{skill}': evaluating the base model on {len(test)} held-out examples ...")
+        before = exact_match(loaded.model, loaded.tokenizer, test, gen)
     print(f"[demo] before: {before.accuracy:.1%} exact match ({before.seconds:.1f} s)")
 
     report = train(cfg, loaded)
@@ -47,7 +49,7 @@ def run_demo(skill: str = "dates", model: str | None = None, out: str = "runs/de
     after = exact_match(loaded.model, loaded.tokenizer, test, gen)
     base_params = report.total_params - report.trainable_params
     result = {
-        "skill": skill, "model": cfg.model.name, "test_examples": len(test), "steps": report.steps,
+        "skill": skill, "model": cfg.model.name, "method": cfg.method, "adapter": cfg.adapter, "lr": cfg.training.lr, "test_examples": len(test), "steps": report.steps,
         "accuracy_before": before.accuracy, "accuracy_after": after.accuracy,
         "trainable_params": report.trainable_params, "base_params": base_params,
         "trainable_pct": 100 * report.trainable_params / base_params,
@@ -59,6 +61,7 @@ def run_demo(skill: str = "dates", model: str | None = None, out: str = "runs/de
     }
     Path(out, "demo_report.json").write_text(json.dumps(result, indent=2))
     print(format_demo_table(result))
+    result["before_result"] = before
     return result
 
 

@@ -148,3 +148,36 @@ def test_adapter_for_another_base_is_refused(tmp_path):
 def test_unknown_target_module_is_a_clear_error():
     with pytest.raises(ValueError, match="matched no module"):
         attach_adapter(build_model("llama", VOCAB), "lora", {"target_modules": ["qkv"]})
+
+
+@pytest.mark.parametrize("arch,embedding", [("llama", "embed_tokens"), ("gpt2", "wte")])
+def test_lora_on_embeddings_matches_peft_both_ways(tmp_path, arch, embedding):
+    peft = pytest.importorskip("peft")
+    model = build_model(arch, VOCAB)
+    x = torch.randint(0, VOCAB, (2, 7))
+    base_logits = model(x).logits
+    attach_adapter(model, "lora", {"r": 4, "target_modules": [embedding, "c_attn" if arch == "gpt2" else "q_proj"]})
+    torch.testing.assert_close(model(x).logits, base_logits)  # A is zero at init
+    perturb(model)
+    save_adapter(model, tmp_path / "ours")
+    theirs = peft.PeftModel.from_pretrained(build_model(arch, VOCAB), tmp_path / "ours")
+    torch.testing.assert_close(theirs(x).logits, model(x).logits)
+    theirs.save_pretrained(tmp_path / "peft")
+    back = build_model(arch, VOCAB)
+    load_adapter(back, tmp_path / "peft")
+    torch.testing.assert_close(back(x).logits, model(x).logits)
+
+
+def test_merging_embedding_lora_unties_the_lm_head(tmp_path, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    from plugtune.adapters.merge import merge_and_save
+
+    model = build_model("llama", len(tokenizer))  # tied embeddings
+    attach_adapter(model, "lora", {"r": 4, "target_modules": ["embed_tokens", "v_proj"]})
+    perturb(model)
+    x = torch.randint(0, len(tokenizer), (2, 7))
+    expected = model(x).logits
+    merge_and_save(model, tokenizer, tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    torch.testing.assert_close(merged(x).logits, expected, rtol=1e-4, atol=1e-5)

@@ -182,6 +182,7 @@ def load_adapter(model: nn.Module, path: str | Path, name: str = "default", forc
         expected = {k: k for k in ours}
     else:
         expected = {to_saved_key(k, name): k for k in ours}
+    _take_saved_base_weights(model, saved_state, set(expected))
     missing = sorted(set(expected) - set(saved_state))
     unexpected = sorted(set(saved_state) - set(expected))
     if missing or unexpected:
@@ -196,3 +197,17 @@ def load_adapter(model: nn.Module, path: str | Path, name: str = "default", forc
                                            f"{tuple(param.shape)} expected by this model")
             param.copy_(value.to(param.dtype))
     return model
+
+
+def _take_saved_base_weights(model: nn.Module, saved_state: dict, adapter_keys: set[str]) -> None:
+    """PEFT also saves the base embedding table when an embedding layer is adapted (in case the vocabulary
+    was resized). Take such a tensor if it differs from ours, as PEFT does; drop it from `saved_state`."""
+    params = dict(model.named_parameters())
+    for key in [k for k in saved_state if k not in adapter_keys and k.startswith(_PEFT_PREFIX)]:
+        ours = params.get(key[len(_PEFT_PREFIX):])
+        if ours is None or ours.shape != saved_state[key].shape:
+            continue
+        value = saved_state.pop(key)
+        if not torch.equal(ours.detach().cpu(), value.to(ours.dtype)):
+            with torch.no_grad():
+                ours.copy_(value.to(ours.dtype))

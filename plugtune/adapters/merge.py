@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from torch import nn
+
 from plugtune.adapters.layers import adapter_layers, merge_adapters, unwrap_merged
 
 
@@ -13,9 +15,24 @@ def merge_and_save(model, tokenizer, out_dir: str | Path, name: str = "default")
     if not_mergeable:
         raise ValueError(f"adapter '{name}' uses {', '.join(not_mergeable)}, which cannot be folded into the base "
                          "weights (it is non-linear or adds inputs); serve it unmerged instead")
+    _untie_if_merging_shared_weights(model, name)
     merge_adapters(model, [name])
     unwrap_merged(model)
     out = Path(out_dir)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out
+
+
+def _untie_if_merging_shared_weights(model, name: str) -> None:
+    """With tied embeddings the LM head shares the input embedding's weight. LoRA on the embedding
+    changes only the input side, so before folding it in, give the head its own copy."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None:
+        return
+    for _, layer in adapter_layers(model):
+        if name in layer.configs and layer.base_layer.weight is head.weight:
+            head.weight = nn.Parameter(head.weight.detach().clone())
+            model.config.tie_word_embeddings = False
+            if hasattr(model.config, "get_text_config"):
+                model.config.get_text_config().tie_word_embeddings = False

@@ -106,12 +106,57 @@ class LoraLinear(AdapterLayer):
         return new.T if self.fan_in_fan_out else new
 
 
+class LoraEmbedding(AdapterLayer):
+    """LoRA on an embedding table (opt-in: name it in target_modules, e.g. 'embed_tokens').
+
+        E'[i] = E[i] + s * (B A)^T[i]     A: (r, vocab) zero, B: (dim, r) random   (PEFT's layout and init)
+    """
+
+    adapter_module_names = ("lora_embedding_A", "lora_embedding_B")
+
+    def __init__(self, base_layer: nn.Embedding):
+        super().__init__(base_layer)
+        self.lora_embedding_A = nn.ParameterDict()
+        self.lora_embedding_B = nn.ParameterDict()
+        self.scaling: dict[str, float] = {}
+
+    def add_adapter(self, name: str, cfg: LoraConfig) -> None:
+        if cfg.use_dora:
+            raise ValueError("DoRA is not supported on embedding layers; drop the embedding from target_modules")
+        vocab, dim = self.base_layer.weight.shape
+        device = self.base_layer.weight.device
+        self.lora_embedding_A[name] = nn.Parameter(torch.zeros(cfg.r, vocab, device=device))
+        self.lora_embedding_B[name] = nn.Parameter(torch.randn(dim, cfg.r, device=device))
+        self.scaling[name] = cfg.scaling
+        self.configs[name] = cfg
+        if name not in self.active_adapters:
+            self.active_adapters = [*self.active_adapters, name]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        for name in self.live_adapters():
+            a, b = self.lora_embedding_A[name], self.lora_embedding_B[name]
+            rows = nn.functional.embedding(x, a.T, padding_idx=self.base_layer.padding_idx)  # (..., r)
+            result = result + (rows @ b.T * self.scaling[name]).to(result.dtype)
+        return result
+
+    def merged_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        delta = (self.lora_embedding_B[name] @ self.lora_embedding_A[name]).T * self.scaling[name]  # (vocab, dim)
+        return weight.float() + delta.float()
+
+
+def _linear_or_embedding(module: nn.Module) -> bool:
+    return isinstance(module, nn.Embedding) or isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
 def attach_lora(model: nn.Module, cfg: LoraConfig, name: str) -> list[str]:
     targets = resolve_attention_targets(model, cfg.target_modules)
-    names = find_targets(model, targets)
+    names = find_targets(model, targets, kind=_linear_or_embedding)
     for module_name in names:
-        layer = wrap_module(model, module_name, LoraLinear)
-        if not isinstance(layer, LoraLinear):
+        is_embedding = isinstance(model.get_submodule(module_name), nn.Embedding)
+        layer_cls = LoraEmbedding if is_embedding else LoraLinear
+        layer = wrap_module(model, module_name, layer_cls)
+        if not isinstance(layer, layer_cls):
             raise TypeError(f"{module_name} already carries a {type(layer).__name__}; cannot add LoRA to it")
         layer.add_adapter(name, cfg)
     # Save concrete names PEFT can match: the given list, or the leaf names 'all-linear' resolved to.
