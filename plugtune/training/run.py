@@ -9,6 +9,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
 import yaml
 
 from plugtune.adapters import attach_adapter, save_adapter
@@ -56,6 +57,7 @@ def train(cfg: RunConfig, loaded: LoadedModel | None = None) -> TrainReport:
     eval_examples = load_examples(cfg.data.eval, cfg.data.format, cfg.data.system_prompt) if cfg.data.eval else []
     if cfg.data.eval_limit:
         eval_examples = eval_examples[: cfg.data.eval_limit]
+    torch.manual_seed(cfg.training.seed)  # adapter initialisation is part of the run's randomness
     loaded = prepare_model(cfg, loaded)
     model, tok = loaded.model, loaded.tokenizer
     device = next(model.parameters()).device
