@@ -137,7 +137,7 @@ def fit(model: nn.Module, make_batch: Callable[[int], Batch], n_examples: int, c
                 progress.close()
                 where = f"the last good checkpoint {last_ckpt} is intact" if last_ckpt else "no checkpoint was written"
                 raise NonFiniteLossError(
-                    f"the loss became {float(loss)} at step {step + 1}; training stopped and {where}. "
+                    f"the loss became {float(loss.detach())} at step {step + 1}; training stopped and {where}. "
                     "Lower training.lr, enable clipping (training.max_grad_norm), or check the data for empty targets.")
             loss.backward()
             loss_total += float(loss.detach())
