@@ -72,26 +72,36 @@ def topic_examples(language: str = "english", with_answer: bool = True) -> tuple
     return examples, label_names
 
 
-def topic_split(test_fraction: float = 0.2, seed: int = 0, language: str = "english",
-                with_answer: bool = True) -> TopicSplit:
-    """A fixed train/test split: per category, whole question groups (in a seeded random order) go to
-    test while they fit in `test_fraction` of the category's examples; at least one stays in train."""
-    examples, label_names = topic_examples(language, with_answer)
-    groups: dict[int, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
-    for question, text, label in examples:
-        groups[label][question].append(text)
-    rng = random.Random(seed)
-    train, test = [], []
+def split_by_question(examples: list[tuple[str, str, int]], fraction: float, rng: random.Random):
+    """(kept, held out): per category, whole question groups (in a seeded random order) are held out
+    while they fit in `fraction` of the category's examples; at least one group is kept."""
+    groups: dict[int, dict[str, list[tuple[str, str, int]]]] = defaultdict(lambda: defaultdict(list))
+    for example in examples:
+        groups[example[2]][example[0]].append(example)
+    kept, held = [], []
     for label in sorted(groups):
         questions = sorted(groups[label])
         rng.shuffle(questions)
-        total = sum(len(groups[label][q]) for q in questions)
-        want, taken = round(test_fraction * total), 0
+        want, taken = round(fraction * sum(len(groups[label][q]) for q in questions)), 0
         for i, q in enumerate(questions):
             size = len(groups[label][q])
-            to_test = taken + size <= want and i < len(questions) - 1  # a group never splits nor overshoots
-            (test if to_test else train).extend((text, label) for text in groups[label][q])
-            taken += size if to_test else 0
-    rng.shuffle(train)
-    return TopicSplit([t for t, _ in train], [lab for _, lab in train], [t for t, _ in test],
-                      [lab for _, lab in test], label_names)
+            hold = taken + size <= want and i < len(questions) - 1  # a group never splits nor overshoots
+            (held if hold else kept).extend(groups[label][q])
+            taken += size if hold else 0
+    rng.shuffle(kept)
+    return kept, held
+
+
+def topic_split(test_fraction: float = 0.2, seed: int = 0, language: str = "english", with_answer: bool = True,
+                validation_fraction: float = 0.0) -> TopicSplit:
+    """The fixed train/test split (stratified by category, by question group, seeded).
+
+    validation_fraction > 0: split the TRAIN part again and return (train minus validation, validation)
+    in the train/test fields, to choose hyperparameters without looking at the test set."""
+    examples, label_names = topic_examples(language, with_answer)
+    rng = random.Random(seed)
+    train, test = split_by_question(examples, test_fraction, rng)
+    if validation_fraction > 0:
+        train, test = split_by_question(train, validation_fraction, rng)
+    return TopicSplit([t for _, t, _ in train], [lab for _, _, lab in train], [t for _, t, _ in test],
+                      [lab for _, _, lab in test], label_names)
