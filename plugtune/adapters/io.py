@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from plugtune.adapters.layers import adapter_layers, adapter_names, adapter_state, base_parameters, mark_trainable
-from plugtune.adapters.registry import AdapterMethod, get_method, method_from_saved
+from plugtune.adapters.registry import AdapterMethod, available_methods, get_method, method_from_saved
 from plugtune.adapters.modules_to_save import attach_modules_to_save, remove_modules_to_save
 
 CONFIG_FILE = "adapter_config.json"
@@ -57,17 +57,11 @@ def _adapter_method_and_config(model: nn.Module, name: str) -> tuple[AdapterMeth
     for _, layer in adapter_layers(model):
         if name in layer.configs:
             cfg = layer.configs[name]
-            for method_name in _all_methods():
+            for method_name in available_methods():
                 m = get_method(method_name)
                 if isinstance(cfg, m.config_cls):
                     return m, cfg
     raise KeyError(f"no adapter named '{name}' on this model (loaded: {adapter_names(model)})")
-
-
-def _all_methods():
-    from plugtune.adapters.registry import available_methods
-
-    return available_methods()
 
 
 def to_saved_key(key: str, name: str) -> str:

@@ -30,6 +30,12 @@ class AdapterLayer(nn.Module):
         self.merged: list[str] = []
         self._original_weight: torch.Tensor | None = None  # kept while merged, for a bit-exact unmerge
 
+    def register_adapter(self, name: str, cfg: object) -> None:
+        """Record adapter `name` (its modules already added by the subclass) and make it active."""
+        self.configs[name] = cfg
+        if name not in self.active_adapters:
+            self.active_adapters = [*self.active_adapters, name]
+
     @property
     def adapter_names(self) -> list[str]:
         return list(self.configs)

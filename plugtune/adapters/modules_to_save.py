@@ -30,9 +30,7 @@ class ModulesToSave(AdapterLayer):
     def add_adapter(self, name: str, cfg: object) -> None:
         # A copy in the base's dtype and device, as PEFT makes it; the original keeps requires_grad=False.
         self.modules_to_save[name] = copy.deepcopy(self.base_layer)
-        self.configs[name] = cfg
-        if name not in self.active_adapters:
-            self.active_adapters = [*self.active_adapters, name]
+        self.register_adapter(name, cfg)
 
     def live_module(self) -> nn.Module:
         """The active adapter's copy; the original when disabled or no adapter with a copy is active.

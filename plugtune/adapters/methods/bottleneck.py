@@ -81,9 +81,7 @@ class BottleneckAdapter(AdapterLayer):
         self.adapter_down[name], self.adapter_up[name] = down, up
         self.adapter_act[name] = NON_LINEARITIES[cfg.non_linearity]()
         self.residual[name] = cfg.residual
-        self.configs[name] = cfg
-        if name not in self.active_adapters:
-            self.active_adapters = [*self.active_adapters, name]
+        self.register_adapter(name, cfg)
 
     def delete_adapter(self, name: str) -> None:
         super().delete_adapter(name)

@@ -73,9 +73,7 @@ class IA3Linear(AdapterLayer):
         init = torch.ones if cfg.init_ia3_weights else torch.randn
         self.ia3_l[name] = nn.Parameter(init(shape, device=device, dtype=torch.float32))
         self.is_feedforward[name] = feedforward
-        self.configs[name] = cfg
-        if name not in self.active_adapters:
-            self.active_adapters = [*self.active_adapters, name]
+        self.register_adapter(name, cfg)
 
     def delete_adapter(self, name: str) -> None:
         super().delete_adapter(name)

@@ -64,10 +64,9 @@ class LoraLinear(AdapterLayer):
         self.lora_A[name], self.lora_B[name] = a, b
         self.lora_dropout[name] = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         self.scaling[name] = cfg.scaling
-        self.configs[name] = cfg
         if cfg.use_dora:
             self.lora_magnitude_vector[name] = nn.Parameter(self._column_norm(self._weight_out_in().detach().float()))
-        self.active_adapters = [*self.active_adapters, name] if name not in self.active_adapters else self.active_adapters
+        self.register_adapter(name, cfg)
 
     def _weight_out_in(self) -> torch.Tensor:
         w = self.base_layer.weight
@@ -128,9 +127,7 @@ class LoraEmbedding(AdapterLayer):
         self.lora_embedding_A[name] = nn.Parameter(torch.zeros(cfg.r, vocab, device=device))
         self.lora_embedding_B[name] = nn.Parameter(torch.randn(dim, cfg.r, device=device))
         self.scaling[name] = cfg.scaling
-        self.configs[name] = cfg
-        if name not in self.active_adapters:
-            self.active_adapters = [*self.active_adapters, name]
+        self.register_adapter(name, cfg)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)

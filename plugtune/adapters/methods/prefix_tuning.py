@@ -86,9 +86,7 @@ class PrefixEncoder(AdapterLayer):
         else:
             table = torch.zeros(n, width, device=device) if cfg.init_weights == "zero" else torch.randn(n, width, device=device)
         self.prefix_embeddings[name] = nn.Parameter(table)  # fp32, as PEFT
-        self.configs[name] = cfg
-        if name not in self.active_adapters:
-            self.active_adapters = [*self.active_adapters, name]
+        self.register_adapter(name, cfg)
 
     def prefix(self, name: str) -> torch.Tensor:
         """The resolved prefix P (n, 2*L*H_kv*D)."""

@@ -72,9 +72,7 @@ class PromptEncoder(AdapterLayer):
 
     def add_adapter(self, name: str, cfg: PromptTuningConfig, init: torch.Tensor) -> None:
         self.prompt_embeddings[name] = nn.Parameter(init.float())  # fp32, as PEFT
-        self.configs[name] = cfg
-        if name not in self.active_adapters:
-            self.active_adapters = [*self.active_adapters, name]
+        self.register_adapter(name, cfg)
 
     def virtual_inputs(self, batch_size: int) -> dict:
         live = self.live_adapters()
