@@ -6,19 +6,13 @@ that method's own config dataclass by the adapter registry, so each method owns 
 """
 from __future__ import annotations
 
-import dataclasses
-import difflib
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A config file or override that does not fit the schema."""
+from plugtune.schema import ConfigError, from_dict, to_dict  # noqa: F401  (re-exported)
 
 
 @dataclass
@@ -59,6 +53,7 @@ class TrainingConfig:
     save_every: int = 0  # 0 = only the final checkpoint
     keep_checkpoints: int = 2
     progress: bool = True
+    on_nonfinite: str = "stop"  # stop | skip : a NaN/inf loss or gradient stops the run or skips the step
 
 
 @dataclass
@@ -76,83 +71,6 @@ class RunConfig:
     output: OutputConfig = field(default_factory=OutputConfig)
     method: str = "lora"  # "full" (all parameters) or a registered adapter method
     adapter: dict[str, Any] = field(default_factory=dict)  # that method's parameters
-
-
-# ----------------------------------------------------------------------------- parsing
-
-
-def _suggest(key: str, valid: list[str]) -> str:
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    hint = f" Did you mean '{close[0]}'?" if close else ""
-    return f"{hint} Valid keys: {', '.join(sorted(valid))}."
-
-
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """Check/convert one YAML value to the annotated field type."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
-            return None
-        if isinstance(value, str) and str in args:
-            return value
-        listy = [a for a in args if typing.get_origin(a) in (list, tuple)]
-        if isinstance(value, (list, tuple)) and listy:
-            return _coerce(value, listy[0], where)
-        return _coerce(value, args[0], where)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return from_dict(tp, value, where)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-            return value.lower() in ("true", "yes", "1")
-        raise ConfigError(f"{where}: expected true/false, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        return int(value)
-    if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads '1e-4' (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
-        return str(value)
-    if origin in (list, tuple):
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        args = typing.get_args(tp)
-        inner = args[0] if args else Any
-        items = [_coerce(v, inner, f"{where}[{i}]") if inner is not Any else v for i, v in enumerate(value)]
-        return tuple(items) if origin is tuple else items
-    return value  # Any / dict: taken as is, checked by whoever consumes it
-
-
-def from_dict(cls: type, data: dict[str, Any], where: str = "config") -> Any:
-    """Build dataclass `cls` from a mapping; unknown keys are an error naming the nearest valid key."""
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in data.items():
-        if key not in names:
-            raise ConfigError(f"{where}: unknown key '{key}'.{_suggest(key, names)}")
-        kwargs[key] = _coerce(value, hints[key], f"{where}.{key}")
-    return cls(**kwargs)
-
-
-def to_dict(obj: Any) -> dict[str, Any]:
-    return dataclasses.asdict(obj)
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -197,6 +115,7 @@ def validate_run_config(cfg: RunConfig) -> None:
         "data.train_on": (cfg.data.train_on, ("responses", "all")),
         "training.schedule": (cfg.training.schedule, ("cosine", "linear", "constant")),
         "model.dtype": (cfg.model.dtype, ("auto", "float32", "bfloat16")),
+        "training.on_nonfinite": (cfg.training.on_nonfinite, ("stop", "skip")),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:

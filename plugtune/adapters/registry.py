@@ -5,20 +5,25 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from torch import nn
 
-from plugtune.config import ConfigError, from_dict, to_dict
+from plugtune.schema import ConfigError, from_dict, to_dict
 
 
 @dataclass(frozen=True)
 class AdapterMethod:
     name: str  # stored in adapter_config.json (as PEFT's peft_type where PEFT has the method)
     config_cls: type  # the method's own config dataclass
-    attach: Callable[[nn.Module, Any, str], list[str]]  # (model, config, adapter_name) -> wrapped module names
+    # (model, config, adapter_name) -> (wrapped module names, the config with targets resolved). The
+    # given config is never modified: the resolved one is a copy (dataclasses.replace).
+    attach: Callable[[nn.Module, Any, str], tuple[list[str], Any]]
     peft_type: str | None = None  # PEFT's name for the method, if PEFT has it
+    can_merge: bool = False  # whether the method's adapters fold into the base weights
+    # Representative settings, for cost reports and docs: {label: config mapping}.
+    examples: dict[str, dict] = field(default_factory=dict)
     # adapter_config.json <-> config dataclass; defaults write/read our fields plus `method`.
     to_saved: Callable[[Any], dict] | None = None
     from_saved: Callable[[dict], Any] | None = None
