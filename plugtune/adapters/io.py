@@ -34,18 +34,22 @@ def attach_adapter(model: nn.Module, method: str | AdapterMethod, cfg: Any = Non
                    trainable: bool = True) -> list[str]:
     """Add a fresh adapter `name` to `model` in place; with trainable=True only it receives gradients."""
     method = get_method(method) if isinstance(method, str) else method
+    if not name or not isinstance(name, str) or name == "__base__":
+        raise ValueError(f"invalid adapter name {name!r}: use a non-empty name other than '__base__'")
     if name in adapter_names(model):
-        raise ValueError(f"the model already has an adapter named '{name}'")
+        raise ValueError(f"the model already has an adapter named '{name}'; remove it first or choose another name "
+                         f"(loaded: {', '.join(adapter_names(model))})")
     cfg = method.parse_config(cfg or {})
     # Whole modules trained alongside (PEFT's modules_to_save), copied first so that the method's
     # targets never land inside them.
     entries = getattr(cfg, "modules_to_save", None)
     copied = attach_modules_to_save(model, entries, cfg, name) if entries else []
     try:
-        wrapped = method.attach(model, cfg, name) + copied
+        wrapped, _ = method.attach(model, cfg, name)
     except Exception:
         remove_modules_to_save(model, name)
         raise
+    wrapped = wrapped + copied
     for _, layer in adapter_layers(model):
         layer.train(model.training)
     if trainable:
@@ -53,7 +57,7 @@ def attach_adapter(model: nn.Module, method: str | AdapterMethod, cfg: Any = Non
     return wrapped
 
 
-def _adapter_method_and_config(model: nn.Module, name: str) -> tuple[AdapterMethod, Any]:
+def adapter_method_and_config(model: nn.Module, name: str) -> tuple[AdapterMethod, Any]:
     for _, layer in adapter_layers(model):
         if name in layer.configs:
             cfg = layer.configs[name]
@@ -107,7 +111,7 @@ def base_fingerprint(model: nn.Module) -> dict[str, str]:
 def save_adapter(model: nn.Module, out_dir: str | Path, name: str = "default", base_name: str | None = None) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    method, cfg = _adapter_method_and_config(model, name)
+    method, cfg = adapter_method_and_config(model, name)
     if method.saved_state is not None:
         state = {k: t.detach().to("cpu").contiguous() for k, t in method.saved_state(model, name).items()}
     else:

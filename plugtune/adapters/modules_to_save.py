@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 
+import torch
 from torch import nn
 
 from plugtune.adapters.layers import AdapterLayer, adapter_layers, get_submodule_parent, wrap_module
@@ -44,7 +45,20 @@ class ModulesToSave(AdapterLayer):
         return self.modules_to_save[live[0]] if live else self.base_layer
 
     def forward(self, *args, **kwargs):
+        if self.row_plan is not None:
+            return self._forward_rows(*args, **kwargs)
         return self.live_module()(*args, **kwargs)
+
+    def _forward_rows(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """Each row through its own adapter's copy (the original for the others)."""
+        out = self.base_layer(x, *args, **kwargs)
+        if not torch.is_tensor(out):
+            raise TypeError(f"per-row mixed batches need a module returning one tensor; {type(self.base_layer).__name__} "
+                            "returns something else. Run its adapters one at a time (use())")
+        for name, idx in self.row_groups(x.shape[0]):
+            copy_out = self.modules_to_save[name](x if idx is None else x.index_select(0, idx), *args, **kwargs)
+            out = copy_out if idx is None else out.index_copy(0, idx, copy_out.to(out.dtype))
+        return out
 
     @property
     def can_merge(self) -> bool:

@@ -14,21 +14,16 @@ import torch
 from torch import nn
 
 from plugtune.adapters.io import attach_adapter
-from plugtune.adapters.layers import adapter_layers, merge_adapters, unmerge_adapters
+from plugtune.adapters.layers import merge_adapters, unmerge_adapters
+from plugtune.adapters.registry import available_methods, get_method
 from plugtune.models.causal_lm import hidden_states, lm_head
 
-# Representative settings for each method (names as in the README's table).
-DEFAULT_VARIANTS: dict[str, tuple[str, dict]] = {
-    "lora r=8": ("lora", {"r": 8, "alpha": 16}),
-    "lora r=8 all-linear": ("lora", {"r": 8, "alpha": 16, "target_modules": "all-linear"}),
-    "rslora r=16": ("lora", {"r": 16, "alpha": 16, "use_rslora": True}),
-    "dora r=8": ("lora", {"r": 8, "alpha": 16, "use_dora": True}),
-    "ia3": ("ia3", {}),
-    "houlsby (rf 16)": ("bottleneck", {"variant": "houlsby", "reduction_factor": 16}),
-    "pfeiffer (rf 16)": ("bottleneck", {"variant": "pfeiffer", "reduction_factor": 16}),
-    "prompt tuning (20 tok)": ("prompt_tuning", {"num_virtual_tokens": 20}),
-    "prefix tuning (20 tok)": ("prefix_tuning", {"num_virtual_tokens": 20}),
-}
+
+
+def default_variants() -> dict[str, tuple[str, dict]]:
+    """Each registered method's representative settings (AdapterMethod.examples)."""
+    return {label: (name, dict(cfg)) for name in available_methods()
+            for label, cfg in get_method(name).examples.items()}
 
 
 @dataclass
@@ -63,19 +58,19 @@ def forward_ms(model: nn.Module, ids: torch.Tensor, repeats: int) -> float:
 def method_costs(base: nn.Module, variants: dict[str, tuple[str, dict]] | None = None, batch: int = 4,
                  seq_len: int = 64, repeats: int = 5) -> list[MethodCost]:
     base.eval()
-    variants = variants or DEFAULT_VARIANTS
+    variants = variants or default_variants()
     n_base = sum(p.numel() for p in {id(p): p for p in base.parameters()}.values())
     ids = torch.randint(0, base.config.vocab_size, (batch, seq_len), device=next(base.parameters()).device)
     base_ms = forward_ms(base, ids, repeats)
     rows = []
     for variant, (method, cfg) in variants.items():
         model = copy.deepcopy(base)
-        attach_adapter(model, method, copy.deepcopy(cfg), trainable=True)
+        attach_adapter(model, method, cfg, trainable=True)
         model.eval()
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         unmerged = forward_ms(model, ids, repeats)
         merged = None
-        if all(layer.can_merge for _, layer in adapter_layers(model)):
+        if get_method(method).can_merge:
             merge_adapters(model)
             merged = forward_ms(model, ids, repeats)
             unmerge_adapters(model)

@@ -3,6 +3,9 @@
 Prompts are left-padded so every row's next token sits at the last position; position ids come
 from the attention mask so padding does not shift positions. Rows stop at an end token.
 Prompt/prefix-tuning adapters are applied at prefill by `causal_lm.prepare_inputs`.
+
+`adapter_names` (one per prompt, None for the base) decodes requests for different adapters in
+the same batch: every step is one forward pass over all rows (adapters/mixed.py).
 """
 from __future__ import annotations
 
@@ -12,7 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from plugtune.models.causal_lm import cache_kwarg, prepare_inputs
+from plugtune.adapters.mixed import mixed_adapters
+from plugtune.models.causal_lm import cache_kwarg, inputs_prepared, prepare_inputs
 
 
 @dataclass
@@ -44,11 +48,19 @@ def _sample(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Genera
 
 @torch.no_grad()
 def generate_ids(model: nn.Module, prompts: list[list[int]], stop_ids: list[int], pad_id: int,
-                 cfg: GenerationConfig | None = None) -> list[list[int]]:
-    """Continue each prompt (token ids); returns the new tokens per prompt, end token excluded."""
+                 cfg: GenerationConfig | None = None, adapter_names: list[str | None] | None = None) -> list[list[int]]:
+    """Continue each prompt (token ids); returns the new tokens per prompt, end token excluded.
+    With `adapter_names`, row i decodes with adapter adapter_names[i] (None: the base)."""
+    if adapter_names is not None:
+        if len(adapter_names) != len(prompts):
+            raise ValueError(f"{len(adapter_names)} adapter names for {len(prompts)} prompts; give one per prompt")
+        with mixed_adapters(model, adapter_names):
+            return generate_ids(model, prompts, stop_ids, pad_id, cfg)
     from transformers import DynamicCache
 
     cfg = cfg or GenerationConfig()
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
     device = next(model.parameters()).device
     generator = None
     if cfg.seed is not None:
@@ -68,13 +80,15 @@ def generate_ids(model: nn.Module, prompts: list[list[int]], stop_ids: list[int]
     # Prefill: virtual inputs (soft prompt / KV prefix) enter here once; the mask then keeps their
     # columns, so decode steps only append one token and one mask column, as for a plain model.
     step, _ = prepare_inputs(model, ids, mask, cache)
+    step.pop("position_ids", None)  # derived from the mask below, at every step
     # Only the last position's logits are needed: skip the (B, T, V) prompt logits at prefill.
     keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
     for _ in range(cfg.max_new_tokens):
         mask = step["attention_mask"]
         step_len = (step["input_ids"] if "input_ids" in step else step["inputs_embeds"]).shape[1]
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -step_len:]
-        logits = model(**step, position_ids=positions, use_cache=True, **keep).logits[:, -1]  # (B, V)
+        with inputs_prepared():
+            logits = model(**step, position_ids=positions, use_cache=True, **keep).logits[:, -1]  # (B, V)
         nxt = _sample(logits, cfg, generator)
         nxt = torch.where(finished, torch.full_like(nxt, pad_id), nxt)
         for row in torch.nonzero(~finished).flatten().tolist():
@@ -100,8 +114,11 @@ def stop_token_ids(tokenizer) -> list[int]:
 
 
 def generate(model: nn.Module, tokenizer, prompts: list[str] | list[list[dict]], cfg: GenerationConfig | None = None,
-             batch_size: int = 16, chat: bool = True) -> list[str]:
-    """Generate a reply for each prompt: a user message string, or a list of chat messages."""
+             batch_size: int = 16, chat: bool = True, adapter_names: list[str | None] | None = None) -> list[str]:
+    """Generate a reply for each prompt: a user message string, or a list of chat messages.
+    `adapter_names` gives each prompt its own adapter (None: the base), decoded in shared batches."""
+    if adapter_names is not None and len(adapter_names) != len(prompts):
+        raise ValueError(f"{len(adapter_names)} adapter names for {len(prompts)} prompts; give one per prompt")
     from plugtune.data.tokenize import prompt_ids
 
     encoded = []
@@ -114,6 +131,7 @@ def generate(model: nn.Module, tokenizer, prompts: list[str] | list[list[dict]],
     stops = stop_token_ids(tokenizer)
     texts: list[str] = []
     for i in range(0, len(encoded), batch_size):
-        new = generate_ids(model, encoded[i:i + batch_size], stops, tokenizer.pad_token_id, cfg)
+        names = adapter_names[i:i + batch_size] if adapter_names is not None else None
+        new = generate_ids(model, encoded[i:i + batch_size], stops, tokenizer.pad_token_id, cfg, names)
         texts += [tokenizer.decode(t, skip_special_tokens=True) for t in new]
     return texts

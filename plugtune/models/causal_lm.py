@@ -11,20 +11,44 @@ the model with a method
 
 returns, for its live adapters (empty dict when none is live, e.g. under adapters_disabled):
     "prompt": (B, n, C) embeddings put before the token embeddings        (prompt tuning), and/or
+    "prompt_mask": (B, n) 0 where a row's prompt is shorter (per-row mixed batches; optional),
     "prefix": [(key, value), ...] one pair per layer, each (B, H_kv, n, D), written to the KV
               cache before the first token                                 (prefix tuning).
 `prepare_inputs` turns them into backbone kwargs. The attention mask is laid out
 [prefix | prompt | tokens], virtual columns all 1. Virtual tokens take the first positions, so
 the first real token sits at position n_prefix + n_prompt, as in PEFT (generation derives the
-positions from this mask; hidden_states leaves them to the model, the same for unpadded rows).
+positions from this mask; hidden_states leaves them to the model, the same for unpadded rows,
+except when a prompt mask pads some rows' prompts: then position_ids come from the mask too).
+
+Calls that went through `prepare_inputs` run inside `inputs_prepared()`, so the hooks that make
+a plain `model(...)` call apply virtual inputs (adapters/virtual.py) know not to apply them twice.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import inspect
 from typing import Any
 
 import torch
 from torch import nn
+
+
+_PREPARED = contextvars.ContextVar("plugtune_inputs_prepared", default=False)
+
+
+@contextlib.contextmanager
+def inputs_prepared():
+    """Mark model calls whose inputs already carry the virtual inputs."""
+    token = _PREPARED.set(True)
+    try:
+        yield
+    finally:
+        _PREPARED.reset(token)
+
+
+def inputs_are_prepared() -> bool:
+    return _PREPARED.get()
 
 
 def backbone(model: nn.Module) -> nn.Module:
@@ -57,6 +81,7 @@ def prepare_inputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
     """
     batch = input_ids.shape[0]
     prompts: list[torch.Tensor] = []
+    prompt_masks: list[torch.Tensor] = []
     prefixes: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
     checkpointing = False
     for module in model.modules():
@@ -65,6 +90,7 @@ def prepare_inputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
             got = provide(batch)
             if got.get("prompt") is not None:
                 prompts.append(got["prompt"])
+                prompt_masks.append(got.get("prompt_mask"))
             if got.get("prefix") is not None:
                 prefixes.append(got["prefix"])
         checkpointing = checkpointing or getattr(module, "gradient_checkpointing", False)
@@ -76,13 +102,19 @@ def prepare_inputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
         return kwargs, 0
     embed = model.get_input_embeddings()
     dtype = embed.weight.dtype
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
     virtual = 0
+    virtual_mask = attention_mask.new_ones(batch, 0)
     if prompts:  # Lester et al. 2021, sec. 2: [P_e; X_e] is fed to the frozen model
         embeds = embed(input_ids)  # (B, T, C)
         prompt = torch.cat(prompts, dim=1).to(dtype)  # (B, n_prompt, C)
         kwargs.pop("input_ids")
         kwargs["inputs_embeds"] = torch.cat([prompt, embeds], dim=1)  # (B, n_prompt + T, C)
         virtual = prompt.shape[1]
+        virtual_mask = torch.cat([m.to(attention_mask.dtype) if m is not None else
+                                  attention_mask.new_ones(batch, p.shape[1]) for p, m in zip(prompts, prompt_masks)],
+                                 dim=1)  # (B, n_prompt)
     n_prefix = 0
     if prefixes:  # Li & Liang 2021, eq. 2: h_i = P_theta[i] for i in P_idx (here: per-layer K, V)
         if checkpointing and model.training:  # checkpointed layers get no cache: the prefix would vanish
@@ -99,10 +131,10 @@ def prepare_inputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
             v = torch.cat([kv[1] for kv in pairs], dim=2).to(dtype)
             cache.update(k, v, layer)
         n_prefix = sum(p[0][0].shape[2] for p in prefixes)
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    ones = attention_mask.new_ones(batch, n_prefix + virtual)
-    kwargs["attention_mask"] = torch.cat([ones, attention_mask], dim=1)  # (B, n_prefix + n_prompt + T)
+    ones = attention_mask.new_ones(batch, n_prefix)
+    kwargs["attention_mask"] = torch.cat([ones, virtual_mask, attention_mask], dim=1)  # (B, n_prefix + n_prompt + T)
+    if not bool(virtual_mask.all()):  # rows whose prompts are padded: positions from the mask
+        kwargs["position_ids"] = (kwargs["attention_mask"].cumsum(-1) - 1).clamp(min=0)[:, n_prefix:]
     return kwargs, virtual
 
 
@@ -114,7 +146,8 @@ def hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
 
 
 def forward_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Full logits (B, T, V) aligned with input_ids, virtual inputs applied. Prefer this to
-    `model(...)`, which runs the base without prompt/prefix adapters."""
+    """Full logits (B, T, V) aligned with input_ids, virtual inputs applied (a plain `model(...)`
+    call does the same through the hooks of adapters/virtual.py)."""
     inputs, virtual = prepare_inputs(model, input_ids, attention_mask)
-    return model(**inputs, use_cache=False).logits[:, virtual:]
+    with inputs_prepared():
+        return model(**inputs, use_cache=False).logits[:, virtual:]

@@ -20,12 +20,12 @@ No PEFT equivalent: saved with our own config ({"method": "bottleneck", ...}); p
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
-from plugtune.adapters.layers import AdapterLayer, find_targets, wrap_module
+from plugtune.adapters.layers import AdapterLayer, find_targets, linear_features, wrap_module
 from plugtune.adapters.registry import AdapterMethod, register
 from plugtune.adapters.targets import resolve_bottleneck_targets
 
@@ -55,12 +55,11 @@ class BottleneckConfig:
 
 class BottleneckAdapter(AdapterLayer):
     adapter_module_names = ("adapter_down", "adapter_up")
+    adapter_side_tables = ("adapter_act", "residual")
 
     def __init__(self, base_layer: nn.Module):
         super().__init__(base_layer)
-        w = base_layer.weight
-        # The adapter acts on the layer's output: d = out features ((in, out) weight for GPT-2's Conv1D).
-        self.hidden = w.shape[1] if type(base_layer).__name__ == "Conv1D" else w.shape[0]
+        _, self.hidden = linear_features(self.base_module)  # the adapter acts on the layer's output
         self.adapter_down = nn.ModuleDict()
         self.adapter_up = nn.ModuleDict()
         self.adapter_act = nn.ModuleDict()
@@ -71,7 +70,7 @@ class BottleneckAdapter(AdapterLayer):
         if bottleneck < 1:
             raise ValueError(f"reduction_factor {cfg.reduction_factor} leaves no bottleneck "
                              f"for hidden size {self.hidden}")
-        device = self.base_layer.weight.device
+        device = self.base_module.weight.device
         down = nn.Linear(self.hidden, bottleneck, device=device, dtype=torch.float32)
         up = nn.Linear(bottleneck, self.hidden, device=device, dtype=torch.float32)
         nn.init.normal_(down.weight, std=INIT_STD)
@@ -83,31 +82,35 @@ class BottleneckAdapter(AdapterLayer):
         self.residual[name] = cfg.residual
         self.register_adapter(name, cfg)
 
-    def delete_adapter(self, name: str) -> None:
-        super().delete_adapter(name)
-        self.adapter_act.pop(name, None)
-        self.residual.pop(name, None)
+    def transform(self, name: str, h: torch.Tensor) -> torch.Tensor:
+        """h' for adapter `name`: h + W_up f(W_down h) (or the bare delta without the skip)."""
+        down, up = self.adapter_down[name], self.adapter_up[name]
+        delta = up(self.adapter_act[name](down(h.to(down.weight.dtype)))).to(h.dtype)  # (..., m) -> (..., d)
+        return h + delta if self.residual[name] else delta
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         h = self.base_layer(x, *args, **kwargs)  # (..., d)
+        if self.row_plan is not None:  # each adapter transforms its own rows; index_copy keeps autograd
+            for name, idx in self.row_groups(h.shape[0]):
+                if idx is None:
+                    h = self.transform(name, h)
+                else:
+                    h = h.index_copy(0, idx, self.transform(name, h.index_select(0, idx)))
+            return h
         for name in self.live_adapters():  # several active adapters apply one after another
-            down, up = self.adapter_down[name], self.adapter_up[name]
-            z = self.adapter_act[name](down(h.to(down.weight.dtype)))  # (..., m)
-            delta = up(z).to(h.dtype)  # (..., d)
-            h = h + delta if self.residual[name] else delta
+            h = self.transform(name, h)
         return h
 
 
-def attach_bottleneck(model: nn.Module, cfg: BottleneckConfig, name: str) -> list[str]:
+def attach_bottleneck(model: nn.Module, cfg: BottleneckConfig, name: str) -> tuple[list[str], BottleneckConfig]:
     targets = resolve_bottleneck_targets(model, cfg.variant, cfg.target_modules)
     names = find_targets(model, targets)
+    resolved = replace(cfg, target_modules=targets)  # as resolved, so the saved config rebuilds the same sites
     for module_name in names:
-        layer = wrap_module(model, module_name, BottleneckAdapter)
-        if not isinstance(layer, BottleneckAdapter):
-            raise TypeError(f"{module_name} already carries a {type(layer).__name__}; cannot add a bottleneck adapter")
-        layer.add_adapter(name, cfg)
-    cfg.target_modules = targets  # as resolved, so the saved config rebuilds the same sites
-    return names
+        wrap_module(model, module_name, BottleneckAdapter).add_adapter(name, resolved)
+    return names, resolved
 
 
-register(AdapterMethod(name="bottleneck", config_cls=BottleneckConfig, attach=attach_bottleneck))
+register(AdapterMethod(name="bottleneck", config_cls=BottleneckConfig, attach=attach_bottleneck,
+                       examples={"houlsby (rf 16)": {"variant": "houlsby", "reduction_factor": 16},
+                                 "pfeiffer (rf 16)": {"variant": "pfeiffer", "reduction_factor": 16}}))

@@ -16,12 +16,13 @@ feed-forward layer, (1, in); the saved key is `base_model.model.<module>.ia3_l`.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
-from plugtune.adapters.layers import AdapterLayer, find_targets, wrap_module
+from plugtune.adapters.layers import AdapterLayer, find_targets, is_conv1d, linear_features, wrap_module
+from plugtune.adapters.mixed import per_row
 from plugtune.adapters.registry import AdapterMethod, register
 from plugtune.adapters.targets import resolve_ia3_targets
 
@@ -56,38 +57,53 @@ def is_feedforward(module_name: str, feedforward_modules: list[str] | str) -> bo
 
 class IA3Linear(AdapterLayer):
     adapter_module_names = ("ia3_l",)
+    adapter_side_tables = ("is_feedforward",)
 
     def __init__(self, base_layer: nn.Module):
         super().__init__(base_layer)
-        self.fan_in_fan_out = type(base_layer).__name__ == "Conv1D"
-        w = base_layer.weight
-        # Conv1D stores (in, out); nn.Linear (out, in).
-        self.in_features, self.out_features = w.shape if self.fan_in_fan_out else w.shape[::-1]
+        self.fan_in_fan_out = is_conv1d(self.base_module)
+        self.in_features, self.out_features = linear_features(self.base_module)
         self.ia3_l = nn.ParameterDict()
         self.is_feedforward: dict[str, bool] = {}
         self._original_bias: torch.Tensor | None = None  # kept while merged, like the base's weight copy
 
     def add_adapter(self, name: str, cfg: IA3Config, feedforward: bool) -> None:
         shape = (1, self.in_features) if feedforward else (self.out_features, 1)  # PEFT's shapes
-        device = self.base_layer.weight.device
+        device = self.base_module.weight.device
         init = torch.ones if cfg.init_ia3_weights else torch.randn
         self.ia3_l[name] = nn.Parameter(init(shape, device=device, dtype=torch.float32))
         self.is_feedforward[name] = feedforward
         self.register_adapter(name, cfg)
 
-    def delete_adapter(self, name: str) -> None:
-        super().delete_adapter(name)
-        self.is_feedforward.pop(name, None)
-
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.row_plan is not None:
+            return self._forward_rows(x, *args, **kwargs)
         live = self.live_adapters()
-        scale_in = [self.ia3_l[n].flatten() for n in live if self.is_feedforward[n]]  # each (in,)
-        scale_out = [self.ia3_l[n].flatten() for n in live if not self.is_feedforward[n]]  # each (out,)
-        for vec in scale_in:
+        for vec in [self.ia3_l[n].flatten() for n in live if self.is_feedforward[n]]:  # each (in,)
             x = (x.to(vec.dtype) * vec).to(x.dtype)  # feed-forward: W (x * l) + b
         result = self.base_layer(x, *args, **kwargs)
-        for vec in scale_out:
+        for vec in [self.ia3_l[n].flatten() for n in live if not self.is_feedforward[n]]:  # each (out,)
             result = (result.to(vec.dtype) * vec).to(result.dtype)  # k, v: (W x + b) * l
+        return result
+
+    def _row_scales(self, batch: int, feedforward: bool, size: int) -> torch.Tensor | None:
+        """(B, size) per-row scale vectors: each row's adapter's l, ones for rows without one."""
+        groups = [n for n, _ in self.row_groups(batch) if self.is_feedforward[n] == feedforward]
+        if not groups:
+            return None
+        order = tuple(n for n in self.ia3_l if self.is_feedforward[n] == feedforward)
+        ones = torch.ones(size, device=self.ia3_l[order[0]].device, dtype=self.ia3_l[order[0]].dtype)
+        table = torch.stack([ones, *(self.ia3_l[n].flatten() for n in order)])  # (n+1, size), differentiable
+        return table[self.row_plan.slots(order)]
+
+    def _forward_rows(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        scale_in = self._row_scales(x.shape[0], True, self.in_features)
+        if scale_in is not None:
+            x = (x.to(scale_in.dtype) * per_row(scale_in, x)).to(x.dtype)
+        result = self.base_layer(x, *args, **kwargs)
+        scale_out = self._row_scales(x.shape[0], False, self.out_features)
+        if scale_out is not None:
+            result = (result.to(scale_out.dtype) * per_row(scale_out, result)).to(result.dtype)
         return result
 
     def merged_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
@@ -97,7 +113,7 @@ class IA3Linear(AdapterLayer):
 
     def merge(self, name: str) -> None:
         """An output scale also scales the bias: (W x + b) * l = (l W) x + l b."""
-        bias = getattr(self.base_layer, "bias", None)
+        bias = getattr(self.base_module, "bias", None)
         if name not in self.merged and not self.is_feedforward[name] and bias is not None:
             if self._original_bias is None:
                 self._original_bias = bias.data.clone()
@@ -106,26 +122,24 @@ class IA3Linear(AdapterLayer):
 
     def unmerge(self) -> None:
         if self._original_bias is not None:
-            self.base_layer.bias.data = self._original_bias
+            self.base_module.bias.data = self._original_bias
             self._original_bias = None
         super().unmerge()
 
 
-def attach_ia3(model: nn.Module, cfg: IA3Config, name: str) -> list[str]:
+def attach_ia3(model: nn.Module, cfg: IA3Config, name: str) -> tuple[list[str], IA3Config]:
     targets, feedforward = resolve_ia3_targets(model, cfg.target_modules, cfg.feedforward_modules)
     names = find_targets(model, targets)
+    # Record what was resolved, so the saved config rebuilds the same layers (as PEFT's does).
+    resolved = replace(cfg, target_modules=targets if isinstance(targets, str) else sorted(targets),
+                       feedforward_modules=feedforward if isinstance(feedforward, str) else sorted(feedforward))
     layers = []
     for module_name in names:
         layer = wrap_module(model, module_name, IA3Linear)
-        if not isinstance(layer, IA3Linear):
-            raise TypeError(f"{module_name} already carries a {type(layer).__name__}; cannot add (IA)^3 to it")
-        layer.add_adapter(name, cfg, is_feedforward(module_name, feedforward))
+        layer.add_adapter(name, resolved, is_feedforward(module_name, feedforward))
         layers.append(layer)
-    # Record what was resolved, so the saved config rebuilds the same layers (as PEFT's does).
-    cfg.target_modules = targets if isinstance(targets, str) else sorted(targets)
-    cfg.feedforward_modules = feedforward if isinstance(feedforward, str) else sorted(feedforward)
-    cfg.fan_in_fan_out = any(layer.fan_in_fan_out for layer in layers)
-    return names
+    resolved.fan_in_fan_out = any(layer.fan_in_fan_out for layer in layers)
+    return names, resolved
 
 
 def _to_peft(cfg: IA3Config) -> dict:
@@ -155,4 +169,4 @@ def _from_peft(saved: dict) -> IA3Config:
 
 
 register(AdapterMethod(name="ia3", config_cls=IA3Config, attach=attach_ia3, peft_type="IA3",
-                       to_saved=_to_peft, from_saved=_from_peft))
+                       to_saved=_to_peft, from_saved=_from_peft, can_merge=True, examples={"ia3": {}}))

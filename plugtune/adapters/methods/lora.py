@@ -10,12 +10,13 @@ saved files are PEFT's format. GPT-2's Conv1D stores its weight as (in, out): `f
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
-from plugtune.adapters.layers import AdapterLayer, find_targets, wrap_module
+from plugtune.adapters.layers import AdapterLayer, find_targets, is_conv1d, linear_features, wrap_module
+from plugtune.adapters.mixed import rows_view
 from plugtune.adapters.registry import AdapterMethod, register
 from plugtune.adapters.targets import resolve_attention_targets
 
@@ -41,22 +42,47 @@ class LoraConfig:
         return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
 
+class DoraVariant:
+    """DoRA as a strategy on a LoRA layer (Liu et al. 2024, eq. 5), not a branch in forward:
+    output = m / ||W + sBA||_c * (W + sBA) x, the norm detached (sec. 4.3) as PEFT does."""
+
+    @staticmethod
+    def output(layer: "LoraLinear", name: str, base_out: torch.Tensor, lora_out: torch.Tensor) -> torch.Tensor:
+        weight = layer.weight_out_in().to(lora_out.dtype)
+        norm = column_norm(weight + layer.delta_weight(name)).detach()
+        scale = layer.lora_magnitude_vector[name] / norm  # (out,)
+        bias = layer.base_module.bias
+        base_no_bias = base_out - bias if bias is not None else base_out
+        return (scale - 1) * base_no_bias.to(lora_out.dtype) + scale * lora_out
+
+    @staticmethod
+    def merged(layer: "LoraLinear", name: str, adapted: torch.Tensor) -> torch.Tensor:
+        return adapted * (layer.lora_magnitude_vector[name].float() / column_norm(adapted)).unsqueeze(1)
+
+
+def column_norm(weight_out_in: torch.Tensor) -> torch.Tensor:
+    return weight_out_in.norm(p=2, dim=1)  # (out,): one norm per output unit
+
+
 class LoraLinear(AdapterLayer):
     adapter_module_names = ("lora_A", "lora_B", "lora_magnitude_vector")
+    adapter_side_tables = ("lora_dropout", "scaling", "variants")
 
     def __init__(self, base_layer: nn.Module):
         super().__init__(base_layer)
-        self.fan_in_fan_out = type(base_layer).__name__ == "Conv1D"
-        w = base_layer.weight
-        self.in_features, self.out_features = (w.shape[0], w.shape[1]) if self.fan_in_fan_out else (w.shape[1], w.shape[0])
+        self.fan_in_fan_out = is_conv1d(self.base_module)
+        self.in_features, self.out_features = linear_features(self.base_module)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_magnitude_vector = nn.ParameterDict()  # DoRA m; saved as PEFT's '...lora_magnitude_vector'
         self.lora_dropout = nn.ModuleDict()
         self.scaling: dict[str, float] = {}
+        self.variants: dict[str, DoraVariant] = {}
+        self._stack_key: tuple | None = None  # see stacked_factors
+        self._stack: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def add_adapter(self, name: str, cfg: LoraConfig) -> None:
-        w = self.base_layer.weight
+        w = self.base_module.weight
         a = nn.Linear(self.in_features, cfg.r, bias=False, device=w.device, dtype=torch.float32)
         b = nn.Linear(cfg.r, self.out_features, bias=False, device=w.device, dtype=torch.float32)
         nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))  # PEFT's default init for A
@@ -65,43 +91,87 @@ class LoraLinear(AdapterLayer):
         self.lora_dropout[name] = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         self.scaling[name] = cfg.scaling
         if cfg.use_dora:
-            self.lora_magnitude_vector[name] = nn.Parameter(self._column_norm(self._weight_out_in().detach().float()))
+            self.lora_magnitude_vector[name] = nn.Parameter(column_norm(self.weight_out_in().detach().float()))
+            self.variants[name] = DoraVariant()
         self.register_adapter(name, cfg)
 
-    def _weight_out_in(self) -> torch.Tensor:
-        w = self.base_layer.weight
-        return w.T if self.fan_in_fan_out else w
+    def delete_adapter(self, name: str) -> None:
+        super().delete_adapter(name)
+        self._stack_key = self._stack = None
 
-    @staticmethod
-    def _column_norm(weight_out_in: torch.Tensor) -> torch.Tensor:
-        return weight_out_in.norm(p=2, dim=1)  # (out,): one norm per output unit
+    def weight_out_in(self) -> torch.Tensor:
+        w = self.base_module.weight
+        return w.T if self.fan_in_fan_out else w
 
     def delta_weight(self, name: str) -> torch.Tensor:
         """s * B A as an (out, in) matrix."""
         return (self.lora_B[name].weight @ self.lora_A[name].weight) * self.scaling[name]
 
+    def adapter_output(self, name: str, x: torch.Tensor, base_out: torch.Tensor | None) -> torch.Tensor:
+        """What adapter `name` adds to the base output for inputs x (..., in) -> (..., out)."""
+        a, b = self.lora_A[name], self.lora_B[name]
+        lora_out = b(a(self.lora_dropout[name](x).to(a.weight.dtype))) * self.scaling[name]
+        variant = self.variants.get(name)
+        return variant.output(self, name, base_out, lora_out) if variant else lora_out
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
+        if self.row_plan is not None:
+            return self._forward_rows(x, result)
         for name in self.live_adapters():
-            a, b = self.lora_A[name], self.lora_B[name]
-            xd = self.lora_dropout[name](x).to(a.weight.dtype)
-            lora_out = b(a(xd)) * self.scaling[name]  # (..., out)
-            if name in self.lora_magnitude_vector:
-                # DoRA: scale = m / ||W + sBA||, the norm detached (paper sec. 4.3) as PEFT does.
-                weight = self._weight_out_in().to(lora_out.dtype)
-                norm = self._column_norm(weight + self.delta_weight(name)).detach()
-                scale = self.lora_magnitude_vector[name] / norm  # (out,)
-                bias = self.base_layer.bias
-                base_no_bias = result - bias if bias is not None else result
-                lora_out = (scale - 1) * base_no_bias.to(lora_out.dtype) + scale * lora_out
-            result = result + lora_out.to(result.dtype)
+            result = result + self.adapter_output(name, x, result).to(result.dtype)
         return result
+
+    def row_refusal(self, name: str) -> str | None:
+        if name in self.variants:
+            return ("DoRA rescales the whole adapted weight W + sBA by its column norms, a different matrix "
+                    "per row; serve DoRA adapters alone (use()) or merge them")
+        return None
+
+    def _forward_rows(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        batch = x.shape[0]
+        groups = self.row_groups(batch)
+        if not groups:
+            return result
+        if len(groups) > 1 and not torch.is_grad_enabled() and not self.training:
+            # Punica-style: gather each row's (rank-padded) factors, two batched matmuls for all rows.
+            order = tuple(self.lora_A.keys())
+            a_all, b_all = self.stacked_factors(order)
+            slots = self.row_plan.slots(order)  # (B,)
+            xr = rows_view(x, batch).to(a_all.dtype)  # (B, N, in)
+            h = torch.bmm(xr, a_all[slots].transpose(1, 2))  # (B, N, r_max)
+            delta = torch.bmm(h, b_all[slots].transpose(1, 2))  # (B, N, out)
+            return result + delta.view(result.shape).to(result.dtype)
+        for name, idx in groups:  # gather the adapter's rows, scatter its output back (autograd-safe)
+            xs = x if idx is None else x.index_select(0, idx)
+            delta = self.adapter_output(name, xs, None).to(result.dtype)
+            result = result + delta if idx is None else result.index_add(0, idx, delta)
+        return result
+
+    @torch.no_grad()
+    def stacked_factors(self, order: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """A (n+1, r_max, in) and s*B (n+1, out, r_max), entry 0 all zero (rows without an adapter).
+        Zero-padding the rank changes nothing: padded columns of B meet padded rows of A. Rebuilt
+        only when an adapter's weights change (their version counters) or the adapter set does."""
+        key = tuple((n, self.lora_A[n].weight._version, self.lora_B[n].weight._version,
+                     self.lora_A[n].weight.data_ptr(), self.lora_B[n].weight.data_ptr()) for n in order)
+        if key != self._stack_key:
+            r_max = max(self.lora_A[n].weight.shape[0] for n in order)
+            ref = self.lora_A[order[0]].weight
+            a_all = ref.new_zeros(len(order) + 1, r_max, self.in_features)
+            b_all = ref.new_zeros(len(order) + 1, self.out_features, r_max)
+            for k, n in enumerate(order, start=1):
+                r = self.lora_A[n].weight.shape[0]
+                a_all[k, :r] = self.lora_A[n].weight
+                b_all[k, :, :r] = self.lora_B[n].weight * self.scaling[n]
+            self._stack_key, self._stack = key, (a_all, b_all)
+        return self._stack
 
     def merged_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
         w = (weight.T if self.fan_in_fan_out else weight).float()
         new = w + self.delta_weight(name).float()
-        if name in self.lora_magnitude_vector:
-            new = new * (self.lora_magnitude_vector[name].float() / self._column_norm(new)).unsqueeze(1)
+        if name in self.variants:
+            new = self.variants[name].merged(self, name, new)
         return new.T if self.fan_in_fan_out else new
 
 
@@ -112,6 +182,7 @@ class LoraEmbedding(AdapterLayer):
     """
 
     adapter_module_names = ("lora_embedding_A", "lora_embedding_B")
+    adapter_side_tables = ("scaling",)
 
     def __init__(self, base_layer: nn.Embedding):
         super().__init__(base_layer)
@@ -122,19 +193,27 @@ class LoraEmbedding(AdapterLayer):
     def add_adapter(self, name: str, cfg: LoraConfig) -> None:
         if cfg.use_dora:
             raise ValueError("DoRA is not supported on embedding layers; drop the embedding from target_modules")
-        vocab, dim = self.base_layer.weight.shape
-        device = self.base_layer.weight.device
+        vocab, dim = self.base_module.weight.shape
+        device = self.base_module.weight.device
         self.lora_embedding_A[name] = nn.Parameter(torch.zeros(cfg.r, vocab, device=device))
         self.lora_embedding_B[name] = nn.Parameter(torch.randn(dim, cfg.r, device=device))
         self.scaling[name] = cfg.scaling
         self.register_adapter(name, cfg)
 
+    def adapter_output(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.lora_embedding_A[name], self.lora_embedding_B[name]
+        rows = nn.functional.embedding(x, a.T, padding_idx=self.base_module.padding_idx)  # (..., r)
+        return rows @ b.T * self.scaling[name]  # (..., dim)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
+        if self.row_plan is not None:
+            for name, idx in self.row_groups(x.shape[0]):
+                delta = self.adapter_output(name, x if idx is None else x.index_select(0, idx)).to(result.dtype)
+                result = result + delta if idx is None else result.index_add(0, idx, delta)
+            return result
         for name in self.live_adapters():
-            a, b = self.lora_embedding_A[name], self.lora_embedding_B[name]
-            rows = nn.functional.embedding(x, a.T, padding_idx=self.base_layer.padding_idx)  # (..., r)
-            result = result + (rows @ b.T * self.scaling[name]).to(result.dtype)
+            result = result + self.adapter_output(name, x).to(result.dtype)
         return result
 
     def merged_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
@@ -143,25 +222,21 @@ class LoraEmbedding(AdapterLayer):
 
 
 def _linear_or_embedding(module: nn.Module) -> bool:
-    return isinstance(module, nn.Embedding) or isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+    return isinstance(module, (nn.Embedding, nn.Linear)) or is_conv1d(module)
 
 
-def attach_lora(model: nn.Module, cfg: LoraConfig, name: str) -> list[str]:
+def attach_lora(model: nn.Module, cfg: LoraConfig, name: str) -> tuple[list[str], LoraConfig]:
     targets = resolve_attention_targets(model, cfg.target_modules)
     names = find_targets(model, targets, kind=_linear_or_embedding)
-    for module_name in names:
-        is_embedding = isinstance(model.get_submodule(module_name), nn.Embedding)
-        layer_cls = LoraEmbedding if is_embedding else LoraLinear
-        layer = wrap_module(model, module_name, layer_cls)
-        if not isinstance(layer, layer_cls):
-            raise TypeError(f"{module_name} already carries a {type(layer).__name__}; cannot add LoRA to it")
-        layer.add_adapter(name, cfg)
     # Save concrete names PEFT can match: the given list, or the leaf names 'all-linear' resolved to.
-    if targets == "all-linear":
-        cfg.target_modules = sorted({n.rsplit(".", 1)[-1] for n in names})
-    else:
-        cfg.target_modules = targets
-    return names
+    resolved = replace(cfg, target_modules=sorted({n.rsplit(".", 1)[-1] for n in names})
+                       if targets == "all-linear" else targets)
+    for module_name in names:
+        target = model.get_submodule(module_name)
+        base = target.base_module if isinstance(target, AdapterLayer) else target
+        layer = wrap_module(model, module_name, LoraEmbedding if isinstance(base, nn.Embedding) else LoraLinear)
+        layer.add_adapter(name, resolved)
+    return names, resolved
 
 
 def _to_peft(cfg: LoraConfig) -> dict:
@@ -189,5 +264,9 @@ def _from_peft(saved: dict) -> LoraConfig:
     )
 
 
-register(AdapterMethod(name="lora", config_cls=LoraConfig, attach=attach_lora, peft_type="LORA",
-                       to_saved=_to_peft, from_saved=_from_peft))
+register(AdapterMethod(
+    name="lora", config_cls=LoraConfig, attach=attach_lora, peft_type="LORA", to_saved=_to_peft, from_saved=_from_peft,
+    can_merge=True, examples={"lora r=8": {"r": 8, "alpha": 16},
+                              "lora r=8 all-linear": {"r": 8, "alpha": 16, "target_modules": "all-linear"},
+                              "rslora r=16": {"r": 16, "alpha": 16, "use_rslora": True},
+                              "dora r=8": {"r": 8, "alpha": 16, "use_dora": True}}))

@@ -23,12 +23,12 @@ holds (PEFT loads prompt-learning adapters for inference only, where both read t
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
-from plugtune.adapters.layers import AdapterLayer
+from plugtune.adapters.virtual import VirtualTokenEncoder, encoder_of, peft_single_tensor_format
 from plugtune.adapters.registry import AdapterMethod, register
 
 ENCODER = "prefix_encoder"  # attribute of the model holding the prefixes
@@ -62,14 +62,15 @@ def kv_shape(model: nn.Module) -> tuple[int, int, int]:
     return conf.num_hidden_layers, kv_heads, head_dim
 
 
-class PrefixEncoder(AdapterLayer):
-    """Per-layer key/value prefixes, one set per adapter. Wraps no module (its base_layer is an
-    Identity that is never called); it feeds the KV cache through `virtual_inputs`."""
+class PrefixEncoder(VirtualTokenEncoder):
+    """Per-layer key/value prefixes, one set per adapter; it feeds the KV cache through `virtual_inputs`."""
 
     adapter_module_names = ("prefix_embeddings", "prefix_mlp")
+    table_attr = "prefix_embeddings"
+    merge_refusal = "a KV prefix is extra context, not a weight change: prefix tuning cannot be merged"
 
     def __init__(self):
-        super().__init__(nn.Identity())
+        super().__init__()
         self.prefix_embeddings = nn.ParameterDict()  # P (n, 2*L*H_kv*D), or P' (n, H_kv*D) with the MLP
         self.prefix_mlp = nn.ModuleDict()
 
@@ -111,30 +112,22 @@ class PrefixEncoder(AdapterLayer):
                   for layer in zip(*per_adapter)]  # several adapters: prefixes side by side along n
         return {"prefix": prefix}
 
-    def merge(self, name: str) -> None:
-        raise TypeError("a KV prefix is extra context, not a weight change: prefix tuning cannot be merged")
+    def saved_table(self, name: str) -> torch.Tensor:
+        return self.prefix(name)  # the resolved P, as PEFT saves it
+
+    def row_refusal(self, name: str) -> str | None:
+        return ("prefix tuning writes its own key/value prefix into every layer's KV cache before the first "
+                "token; rows with different prefixes would need ragged caches. Serve it alone (use())")
 
 
-def attach_prefix_tuning(model: nn.Module, cfg: PrefixTuningConfig, name: str) -> list[str]:
+def attach_prefix_tuning(model: nn.Module, cfg: PrefixTuningConfig, name: str) -> tuple[list[str], PrefixTuningConfig]:
     layers, kv_heads, head_dim = kv_shape(model)
-    cfg.num_layers, cfg.num_attention_heads, cfg.token_dim = layers, kv_heads, kv_heads * head_dim
-    encoder = getattr(model, ENCODER, None)
-    if encoder is None:
-        encoder = PrefixEncoder()
-        model.add_module(ENCODER, encoder)
-    encoder.add_adapter(name, cfg, model.get_input_embeddings().weight.device)
-    return [ENCODER]
+    resolved = replace(cfg, num_layers=layers, num_attention_heads=kv_heads, token_dim=kv_heads * head_dim)
+    encoder_of(model, ENCODER, PrefixEncoder).add_adapter(name, resolved, model.get_input_embeddings().weight.device)
+    return [ENCODER], resolved
 
 
-def _saved_state(model: nn.Module, name: str) -> dict:
-    return {"prompt_embeddings": getattr(model, ENCODER).prefix(name)}  # resolved P, as PEFT
-
-
-def _load_state(model: nn.Module, name: str, tensors: dict) -> dict:
-    tensors = dict(tensors)  # unknown keys pass through, so io reports them
-    if "prompt_embeddings" in tensors:
-        tensors[f"{ENCODER}.prefix_embeddings.{name}"] = tensors.pop("prompt_embeddings")
-    return tensors
+_saved_state, _load_state = peft_single_tensor_format(ENCODER)
 
 
 def _to_peft(cfg: PrefixTuningConfig) -> dict:
@@ -161,4 +154,5 @@ def _from_peft(saved: dict) -> PrefixTuningConfig:
 
 register(AdapterMethod(name="prefix_tuning", config_cls=PrefixTuningConfig, attach=attach_prefix_tuning,
                        peft_type="PREFIX_TUNING", to_saved=_to_peft, from_saved=_from_peft,
-                       saved_state=_saved_state, load_state=_load_state))
+                       saved_state=_saved_state, load_state=_load_state,
+                       examples={"prefix tuning (20 tok)": {"num_virtual_tokens": 20}}))

@@ -2,7 +2,8 @@
 
 A learned soft prompt P_e (n, C) is put before the embedded input X_e (T, C); the frozen model
 reads [P_e; X_e] (sec. 2) and only P_e is trained. The prompt lives in `model.prompt_encoder`, a
-module that wraps no layer: `causal_lm.prepare_inputs` finds it by its `virtual_inputs` method.
+module that wraps no layer: `causal_lm.prepare_inputs` finds it by its `virtual_inputs` method
+(adapters/virtual.py). In a per-row mixed batch each row gets its own adapter's prompt.
 
 Not an identity at init: the prompt is extra context, so even a fresh adapter changes the outputs.
 What holds instead: with the adapter disabled (`adapters_disabled`) the model is the base, bit
@@ -19,12 +20,12 @@ PEFT format: adapter_config.json with peft_type PROMPT_TUNING, and one tensor `p
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
-from plugtune.adapters.layers import AdapterLayer
+from plugtune.adapters.virtual import VirtualTokenEncoder, encoder_of, peft_single_tensor_format
 from plugtune.adapters.registry import AdapterMethod, register
 
 ENCODER = "prompt_encoder"  # attribute of the model holding the soft prompts
@@ -60,14 +61,15 @@ def text_init(tokenizer, text: str, num_virtual_tokens: int = 20) -> PromptTunin
                               tokenizer_name_or_path=getattr(tokenizer, "name_or_path", None) or None)
 
 
-class PromptEncoder(AdapterLayer):
-    """Soft prompts, one (n, C) parameter per adapter. Wraps no module (its base_layer is an
-    Identity that is never called); it feeds the model's inputs through `virtual_inputs`."""
+class PromptEncoder(VirtualTokenEncoder):
+    """Soft prompts, one (n, C) parameter per adapter."""
 
     adapter_module_names = ("prompt_embeddings",)
+    table_attr = "prompt_embeddings"
+    merge_refusal = "a soft prompt is extra input, not a weight change: prompt tuning cannot be merged"
 
     def __init__(self):
-        super().__init__(nn.Identity())
+        super().__init__()
         self.prompt_embeddings = nn.ParameterDict()
 
     def add_adapter(self, name: str, cfg: PromptTuningConfig, init: torch.Tensor) -> None:
@@ -75,14 +77,32 @@ class PromptEncoder(AdapterLayer):
         self.register_adapter(name, cfg)
 
     def virtual_inputs(self, batch_size: int) -> dict:
+        if self.row_plan is not None:
+            return self._row_prompts(batch_size)
         live = self.live_adapters()
         if not live:
             return {}
         prompt = torch.cat([self.prompt_embeddings[n] for n in live], dim=0)  # (n, C)
         return {"prompt": prompt.unsqueeze(0).expand(batch_size, -1, -1)}  # (B, n, C)
 
-    def merge(self, name: str) -> None:
-        raise TypeError("a soft prompt is extra input, not a weight change: prompt tuning cannot be merged")
+    def _row_prompts(self, batch_size: int) -> dict:
+        """Each row's own soft prompt, left-padded to the longest with a 0 mask, so the prompt sits right
+        before the row's tokens and positions (from the mask) are those the row would have alone."""
+        groups = self.row_groups(batch_size)
+        if not groups:
+            return {}
+        n_max = max(self.prompt_embeddings[n].shape[0] for n, _ in groups)
+        ref = self.prompt_embeddings[groups[0][0]]
+        prompt = ref.new_zeros(batch_size, n_max, ref.shape[1])  # (B, n_max, C)
+        mask = torch.zeros(batch_size, n_max, dtype=torch.long, device=ref.device)  # (B, n_max)
+        all_rows = torch.arange(batch_size, device=ref.device)
+        for name, idx in groups:
+            table = self.prompt_embeddings[name]  # (n, C)
+            rows = all_rows if idx is None else idx
+            padded = torch.cat([table.new_zeros(n_max - table.shape[0], table.shape[1]), table])  # (n_max, C)
+            prompt = prompt.index_copy(0, rows, padded.unsqueeze(0).expand(len(rows), -1, -1))
+            mask[rows, n_max - table.shape[0]:] = 1
+        return {"prompt": prompt, "prompt_mask": mask}
 
 
 def _init_prompt(model: nn.Module, cfg: PromptTuningConfig) -> torch.Tensor:
@@ -104,28 +124,16 @@ def _init_prompt(model: nn.Module, cfg: PromptTuningConfig) -> torch.Tensor:
         return embed(ids).detach().clone()  # (n, C)
 
 
-def attach_prompt_tuning(model: nn.Module, cfg: PromptTuningConfig, name: str) -> list[str]:
-    encoder = getattr(model, ENCODER, None)
-    if encoder is None:
-        encoder = PromptEncoder()
-        model.add_module(ENCODER, encoder)
+def attach_prompt_tuning(model: nn.Module, cfg: PromptTuningConfig, name: str) -> tuple[list[str], PromptTuningConfig]:
     conf = getattr(model, "config", None)
-    cfg.token_dim = model.get_input_embeddings().weight.shape[1]
-    cfg.num_layers = getattr(conf, "num_hidden_layers", cfg.num_layers)
-    cfg.num_attention_heads = getattr(conf, "num_attention_heads", cfg.num_attention_heads)
-    encoder.add_adapter(name, cfg, _init_prompt(model, cfg))
-    return [ENCODER]
+    resolved = replace(cfg, token_dim=model.get_input_embeddings().weight.shape[1],
+                       num_layers=getattr(conf, "num_hidden_layers", cfg.num_layers),
+                       num_attention_heads=getattr(conf, "num_attention_heads", cfg.num_attention_heads))
+    encoder_of(model, ENCODER, PromptEncoder).add_adapter(name, resolved, _init_prompt(model, resolved))
+    return [ENCODER], resolved
 
 
-def _saved_state(model: nn.Module, name: str) -> dict:
-    return {"prompt_embeddings": getattr(model, ENCODER).prompt_embeddings[name]}
-
-
-def _load_state(model: nn.Module, name: str, tensors: dict) -> dict:
-    tensors = dict(tensors)  # unknown keys pass through, so io reports them
-    if "prompt_embeddings" in tensors:
-        tensors[f"{ENCODER}.prompt_embeddings.{name}"] = tensors.pop("prompt_embeddings")
-    return tensors
+_saved_state, _load_state = peft_single_tensor_format(ENCODER)
 
 
 def _to_peft(cfg: PromptTuningConfig) -> dict:
@@ -157,4 +165,5 @@ def _from_peft(saved: dict) -> PromptTuningConfig:
 
 register(AdapterMethod(name="prompt_tuning", config_cls=PromptTuningConfig, attach=attach_prompt_tuning,
                        peft_type="PROMPT_TUNING", to_saved=_to_peft, from_saved=_from_peft,
-                       saved_state=_saved_state, load_state=_load_state))
+                       saved_state=_saved_state, load_state=_load_state,
+                       examples={"prompt tuning (20 tok)": {"num_virtual_tokens": 20}}))
