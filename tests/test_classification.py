@@ -14,7 +14,7 @@ from plugtune.data.topics import TopicSplit
 from plugtune.models.tiny import build_classifier, build_tokenizer
 from plugtune.training.classification import (ClassificationObjective, batch_stream, collate, evaluate_accuracy,
                                               prepare_classifier, train_classifier)
-from plugtune.training.loop import fit
+from plugtune.training.loop import IndexedBatches, fit
 
 # Three classes, each with its own words (all in the tiny tokenizer's corpus): separable by design.
 POOLS = [["quick", "brown", "fox", "jumps"], ["lazy", "dog", "over", "the"], ["January", "February", "March", "May"]]
@@ -57,8 +57,8 @@ def test_objective_equals_plain_cross_entropy(tok):
     loss_sum, metrics = objective(model, batch)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     torch.testing.assert_close(loss_sum, F.cross_entropy(logits, batch["labels"], reduction="sum"))
-    assert objective.units(batch) == len(texts) == metrics["examples"]
-    assert metrics["correct"] == int((logits.argmax(-1) == batch["labels"]).sum())
+    assert objective.units(batch) == len(texts)
+    assert float(metrics["accuracy"]) == pytest.approx(float((logits.argmax(-1) == batch["labels"]).float().mean()))
     # Summed per micro-batch, so halves add up to the whole (what makes accumulation exact).
     half = {k: v[:6] for k, v in batch.items()}, {k: v[6:] for k, v in batch.items()}
     torch.testing.assert_close(objective(model, half[0])[0] + objective(model, half[1])[0], loss_sum)
@@ -69,7 +69,7 @@ def test_full_fine_tuning_moves_every_parameter(tok, tmp_path):
     before = {k: p.detach().clone() for k, p in model.named_parameters()}
     assert prepare_classifier(model, "full") == sum(p.numel() for p in before.values())
     texts, labels = synthetic()
-    fit(model, batch_stream(tok, texts, labels, 8), len(texts), small_cfg(max_steps=3, lr=1e-3), tmp_path,
+    fit(model, IndexedBatches(batch_stream(tok, texts, labels, 8), len(texts), 8), small_cfg(max_steps=3, lr=1e-3), tmp_path,
         objective=ClassificationObjective())
     unchanged = [k for k, p in model.named_parameters() if torch.equal(p, before[k])]
     assert not unchanged, f"full fine-tuning left {unchanged} untouched"
@@ -86,7 +86,7 @@ def test_adapter_training_moves_only_adapter_and_head_and_learns(tok, tmp_path, 
     assert any(k.startswith("classifier.modules_to_save.default.") for k in adapter_before)
     texts, labels = synthetic()
     start = evaluate_accuracy(model, tok, texts, labels)
-    fit(model, batch_stream(tok, texts, labels, 8), len(texts), small_cfg(), tmp_path,
+    fit(model, IndexedBatches(batch_stream(tok, texts, labels, 8), len(texts), 8), small_cfg(), tmp_path,
         objective=ClassificationObjective())
     end = evaluate_accuracy(model, tok, texts, labels)
     assert end["loss"] < 0.8 * start["loss"] and end["accuracy"] > 0.9, (start, end)

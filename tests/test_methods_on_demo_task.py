@@ -8,7 +8,7 @@ from plugtune.config import TrainingConfig
 from plugtune.data import load_examples, micro_batch, tokenize_dataset
 from plugtune.data.batching import collate
 from plugtune.models.tiny import build_model
-from plugtune.training.loop import evaluate_loss, fit
+from plugtune.training.loop import IndexedBatches, evaluate_loss, fit
 from plugtune.training.objectives import CausalLMObjective
 
 VARIANTS = {
@@ -38,7 +38,7 @@ def test_short_training_lowers_held_out_loss(tmp_path, tokenizer, demo_data, var
     attach_adapter(model, method, cfg)
     before = evaluate_loss(model, eval_batches, CausalLMObjective(), torch.device("cpu"))
     settings = TrainingConfig(max_steps=12, batch_size=8, lr=lr, warmup_steps=1, progress=False)
-    fit(model, lambda i: micro_batch(train, i, 8, 0, tokenizer.pad_token_id), len(train), settings, tmp_path,
-        resume="never")
+    fit(model, IndexedBatches(lambda i: micro_batch(train, i, 8, 0, tokenizer.pad_token_id), len(train), 8), settings,
+        tmp_path, resume="never")
     after = evaluate_loss(model, eval_batches, CausalLMObjective(), torch.device("cpu"))
     assert after < before - 0.05, (variant, before, after)

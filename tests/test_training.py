@@ -11,7 +11,7 @@ from plugtune.config import TrainingConfig
 from plugtune.data.batching import collate
 from plugtune.data.tokenize import IGNORE_INDEX, Tokenized
 from plugtune.models.tiny import build_model
-from plugtune.training.loop import NonFiniteLossError, fit
+from plugtune.training.loop import IndexedBatches, NonFiniteLossError, fit
 from plugtune.training.objectives import CausalLMObjective, full_logits_loss_sum
 from plugtune.training.schedule import lr_multiplier
 
@@ -54,7 +54,7 @@ def run(tmp_path, items, batch_size, accum, steps=3, **kw):
         k = i % accum
         return collate(items[k * batch_size:(k + 1) * batch_size], pad_id=0)
 
-    result = fit(model, make_batch, len(items), cfg, tmp_path, resume="never")
+    result = fit(model, IndexedBatches(make_batch, len(items), batch_size, accum), cfg, tmp_path, resume="never")
     return model, result
 
 
@@ -89,7 +89,7 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
                 raise KeyboardInterrupt("simulated crash")
             return micro_batch(items, i, 4, 7, 0)
 
-        return model, fit(model, make_batch, len(items), TrainingConfig(**cfg), out, resume=resume)
+        return model, fit(model, IndexedBatches(make_batch, len(items), 4, 2), TrainingConfig(**cfg), out, resume=resume)
 
     full_model, full = train(tmp_path / "full", resume="never")
     with pytest.raises(KeyboardInterrupt):
@@ -123,7 +123,7 @@ def test_nan_loss_stops_without_touching_the_checkpoint(tmp_path):
         return batch
 
     with pytest.raises(NonFiniteLossError, match="step 3.*checkpoint .*step-0000002 is intact"):
-        fit(model, make_batch, 4, cfg, tmp_path, resume="never")
+        fit(model, IndexedBatches(make_batch, 4, 4), cfg, tmp_path, resume="never")
     saved = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert saved == ["step-0000001", "step-0000002"]
 

@@ -18,14 +18,19 @@ WEIGHTS = "trainable.safetensors"
 OPTIMIZER = "optimizer.pt"
 STATE = "state.json"
 RNG = "rng.pt"
+STATEFUL = "components.pt"  # state_dicts of the batch source, objective, ... (e.g. a rollout buffer, a KL controller)
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def _component_states(stateful: dict | None) -> dict:
+    return {k: obj.state_dict() for k, obj in (stateful or {}).items() if hasattr(obj, "state_dict")}
+
+
 def save_checkpoint(root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    extra: dict, keep: int = 2) -> Path:
+                    extra: dict, keep: int = 2, stateful: dict | None = None) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:07d}"
     tmp = root / f".tmp-step-{step:07d}"
@@ -37,6 +42,7 @@ def save_checkpoint(root: Path, step: int, model: nn.Module, optimizer: torch.op
     rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
     torch.save(rng, tmp / RNG)
+    torch.save(_component_states(stateful), tmp / STATEFUL)
     (tmp / STATE).write_text(json.dumps({"step": step, **extra}, indent=2))
     if final.exists():
         shutil.rmtree(final)
@@ -52,7 +58,7 @@ def list_checkpoints(root: Path) -> list[Path]:
     return sorted(p for p in root.glob("step-*") if (p / STATE).is_file() and (p / WEIGHTS).is_file())
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, stateful: dict | None = None) -> dict:
     state = json.loads((path / STATE).read_text())
     weights = load_file(str(path / WEIGHTS))
     params = dict(model.named_parameters())
@@ -70,4 +76,9 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     random.setstate(rng["python"])
     if rng["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
+    if (path / STATEFUL).is_file():
+        saved = torch.load(path / STATEFUL, map_location="cpu", weights_only=False)
+        for key, obj in (stateful or {}).items():
+            if key in saved and hasattr(obj, "load_state_dict"):
+                obj.load_state_dict(saved[key])
     return state

@@ -31,8 +31,8 @@ class ClassificationObjective:
     def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
         logits = model(**model_inputs(batch)).logits  # (B, num_labels)
         loss_sum = F.cross_entropy(logits.float(), batch["labels"], reduction="sum")
-        correct = int((logits.argmax(-1) == batch["labels"]).sum())
-        return loss_sum, {"examples": int(batch["labels"].numel()), "correct": correct}
+        accuracy = (logits.argmax(-1) == batch["labels"]).float().mean()
+        return loss_sum, {"accuracy": accuracy.detach()}
 
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -134,7 +134,7 @@ def train_classifier(model_name: str, method: str, adapter_cfg: Any, cfg: Traini
     """
     from plugtune.data.topics import topic_split
     from plugtune.models.encoder import load_encoder_classifier
-    from plugtune.training.loop import fit
+    from plugtune.training.loop import IndexedBatches, fit
 
     data = data or topic_split()
     model, tokenizer = load_encoder_classifier(model_name, len(data.label_names), seed=cfg.seed,
@@ -143,8 +143,9 @@ def train_classifier(model_name: str, method: str, adapter_cfg: Any, cfg: Traini
     base = prepare_classifier(model, method, adapter_cfg)
     out = Path(out_dir)
     make_batch = batch_stream(tokenizer, data.train_texts, data.train_labels, cfg.batch_size, max_length, cfg.seed)
-    result = fit(model, make_batch, len(data.train_texts), cfg, out, objective=ClassificationObjective(),
-                 device=torch.device(device), resume="never")
+    source = IndexedBatches(make_batch, len(data.train_texts), cfg.batch_size, cfg.grad_accum)
+    result = fit(model, source, cfg, out, objective=ClassificationObjective(), device=torch.device(device),
+                 resume="never")
     scores = evaluate_accuracy(model, tokenizer, data.test_texts, data.test_labels, max_length=max_length)
     if save and method != "full":
         from plugtune.adapters import save_adapter

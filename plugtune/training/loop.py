@@ -1,6 +1,20 @@
 """The one training loop: accumulation, AdamW, schedule, clipping, evaluation, checkpoints,
-resume, progress and metrics. Objectives are plugged in (see objectives.py); the loop does not
-know whether it trains a full model, an adapter, a classifier or (later) a preference loss.
+resume, progress and metrics, for every objective (SFT, classification, multi-task adapters,
+reward models, DPO, PPO, GRPO). What varies is plugged in:
+
+- a batch source gives the micro-batches of step s (`batches(step, model)`); it may generate them
+  with the model (rollouts) and has state_dict/load_state_dict, so resume stays exact;
+- an objective maps (model, micro-batch) to summed losses and metrics (objectives.py);
+- parameter groups carry their own learning-rate scale and clipping group (e.g. a value head, or
+  one group per adapter in multi-task training).
+
+Normalisation. `objective.units(batch)` counts what each loss is a sum over (supervised tokens,
+pairs, sequences), as an int or {key: count}. The loop divides each key's summed loss by that key's
+units over the whole accumulated step, so accumulation is exact and, with one key per adapter,
+each adapter's update is the one it would get trained alone on its rows.
+
+Host syncs: the step loss and metrics stay tensors until the step ends; one transfer then carries
+loss, gradient norm and metrics (nanoGPT's habit), and decides on non-finite values.
 """
 from __future__ import annotations
 
@@ -10,7 +24,7 @@ import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Protocol
 
 import torch
 from torch import nn
@@ -21,25 +35,71 @@ from plugtune.training.metrics import MetricsLog, plot_loss_curve
 from plugtune.training.objectives import CausalLMObjective, Objective
 from plugtune.training.schedule import lr_multiplier
 
-Batch = dict[str, torch.Tensor]
+Batch = dict[str, Any]
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The loss became NaN/inf; training stopped without writing a checkpoint."""
+    """The loss or the gradients became NaN/inf; training stopped without writing a checkpoint."""
+
+
+class BatchSource(Protocol):
+    steps_per_epoch: int
+
+    def batches(self, step: int, model: nn.Module) -> list[Batch]: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+@dataclass
+class IndexedBatches:
+    """A fixed stream: step s takes micro-batches s*accum ... s*accum + accum - 1 of make_batch(i).
+    It needs no state of its own: resuming at step s is enough to continue it exactly."""
+
+    make_batch: Callable[[int], Batch]
+    n_examples: int
+    batch_size: int
+    grad_accum: int = 1
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return max(1, self.n_examples // (self.batch_size * self.grad_accum))
+
+    def batches(self, step: int, model: nn.Module) -> list[Batch]:
+        return [self.make_batch(step * self.grad_accum + k) for k in range(self.grad_accum)]
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+@dataclass
+class ParamGroup:
+    """Parameters sharing a learning-rate scale and a clipping group."""
+
+    name: str
+    params: list[nn.Parameter]
+    lr_scale: float = 1.0
+    clip_group: str = "all"  # groups with the same clip_group are clipped together (by their joint norm)
 
 
 @dataclass
 class FitResult:
     steps: int
-    train_loss: float  # mean loss of the last step
+    train_loss: float  # loss of the last step
     eval_loss: float | None
     train_seconds: float
-    tokens: int  # supervised units seen (tokens for LM objectives)
+    tokens: int  # units seen (supervised tokens for LM objectives)
     trainable_params: int
     total_params: int
     peak_memory_mb: float
     checkpoint: Path | None
     history: list[dict] = field(default_factory=list)
+    eval_metrics: dict = field(default_factory=dict)
+    skipped_steps: int = 0
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -53,132 +113,200 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
-def build_optimizer(model: nn.Module, cfg: TrainingConfig) -> torch.optim.Optimizer:
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)  # no decay on biases, norms, magnitudes
-    if not decay and not no_decay:
+def build_optimizer(model: nn.Module, cfg: TrainingConfig, groups: list[ParamGroup] | None = None) -> torch.optim.Optimizer:
+    """AdamW over the groups (default: every trainable parameter), without weight decay on biases,
+    norms and vectors. Each torch param group remembers its lr scale and clip group."""
+    groups = groups or [ParamGroup("model", [p for p in model.parameters() if p.requires_grad])]
+    torch_groups = []
+    for g in groups:
+        params = [p for p in g.params if p.requires_grad]
+        for decay, chosen in ((cfg.weight_decay, [p for p in params if p.ndim >= 2]), (0.0, [p for p in params if p.ndim < 2])):
+            if chosen:
+                torch_groups.append({"params": chosen, "weight_decay": decay, "lr_scale": g.lr_scale,
+                                     "group": g.name, "clip_group": g.clip_group})
+    if not torch_groups:
         raise ValueError("the model has no trainable parameters")
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=tuple(cfg.betas))
+    return torch.optim.AdamW(torch_groups, lr=cfg.lr, betas=tuple(cfg.betas))
 
 
 def _to(batch: Batch, device: torch.device) -> Batch:
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-@torch.no_grad()
-def evaluate_loss(model: nn.Module, batches: list[Batch], objective: Objective, device: torch.device,
-                  amp: torch.dtype | None = None) -> float:
-    """Mean loss per unit (token) over `batches`."""
-    was_training = model.training
-    model.eval()
-    total, units = 0.0, 0
-    for batch in batches:
-        batch = _to(batch, device)
-        with _autocast(device, amp):
-            loss_sum, _ = objective(model, batch)
-        total += float(loss_sum)
-        units += objective.units(batch)
-    model.train(was_training)
-    return total / max(units, 1)
+def _keyed(value) -> dict:
+    return value if isinstance(value, dict) else {"loss": value}
 
 
 def _autocast(device: torch.device, amp: torch.dtype | None):
     return torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
 
 
-def fit(model: nn.Module, make_batch: Callable[[int], Batch], n_examples: int, cfg: TrainingConfig, out_dir: Path,
-        objective: Objective | None = None, eval_batches: list[Batch] | None = None,
-        device: torch.device | None = None, amp: torch.dtype | None = None, resume: str = "auto") -> FitResult:
-    """Train `model` in place. `make_batch(i)` returns the i-th micro-batch of a fixed stream."""
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: list[Batch], objective: Objective, device: torch.device,
+             amp: torch.dtype | None = None) -> dict[str, float]:
+    """The objective's own evaluation: loss per unit over all `batches` (per key too, when there are
+    several), its metrics averaged over batches, and perplexity for language-model objectives."""
+    was_training = model.training
+    model.eval()
+    loss_sums: dict[str, torch.Tensor] = {}
+    units: dict[str, int] = {}
+    metric_sums: dict[str, torch.Tensor] = {}
+    for batch in batches:
+        batch = _to(batch, device)
+        for k, n in _keyed(objective.units(batch)).items():
+            units[k] = units.get(k, 0) + n
+        with _autocast(device, amp):
+            losses, metrics = objective(model, batch)
+        for k, v in _keyed(losses).items():
+            loss_sums[k] = loss_sums.get(k, 0.0) + v.detach().float()
+        for k, v in metrics.items():
+            metric_sums[k] = metric_sums.get(k, 0.0) + torch.as_tensor(v, dtype=torch.float32, device=device)
+    model.train(was_training)
+    keys = list(loss_sums)
+    values = torch.stack([torch.as_tensor(loss_sums[k], device=device) for k in keys]
+                         + [torch.as_tensor(metric_sums[k], device=device) for k in metric_sums]).tolist()
+    losses_out, metrics_out = values[:len(keys)], values[len(keys):]
+    total_units = sum(units.values())
+    result = {"eval_loss": sum(losses_out) / max(total_units, 1)}
+    if len(keys) > 1:
+        result.update({f"eval_loss/{k}": v / max(units[k], 1) for k, v in zip(keys, losses_out)})
+    result.update({f"eval_{k}": v / len(batches) for k, v in zip(metric_sums, metrics_out)})
+    if getattr(objective, "reports_perplexity", False):
+        result["perplexity"] = math.exp(min(result["eval_loss"], 50))
+    return result
+
+
+def evaluate_loss(model: nn.Module, batches: list[Batch], objective: Objective, device: torch.device,
+                  amp: torch.dtype | None = None) -> float:
+    """Mean loss per unit (token) over `batches`."""
+    return evaluate(model, batches, objective, device, amp)["eval_loss"]
+
+
+def fit(model: nn.Module, source: BatchSource, cfg: TrainingConfig, out_dir: Path, objective: Objective | None = None,
+        eval_batches: list[Batch] | None = None, device: torch.device | None = None, amp: torch.dtype | None = None,
+        resume: str = "auto", groups: list[ParamGroup] | None = None) -> FitResult:
+    """Train `model` in place on the micro-batches `source` gives for each step."""
     objective = objective or CausalLMObjective()
     device = device or next(model.parameters()).device
     out_dir = Path(out_dir)
     ckpt_root = out_dir / "checkpoints"
-    steps_per_epoch = max(1, n_examples // (cfg.batch_size * cfg.grad_accum))
-    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * source.steps_per_epoch))
     torch.manual_seed(cfg.seed)
 
-    optimizer = build_optimizer(model, cfg)
+    optimizer = build_optimizer(model, cfg, groups)
+    stateful = {"source": source, "objective": objective}
     trainable_params, total_params = count_parameters(model)
     start_step, last_ckpt = 0, None
     resume_path = _find_resume(ckpt_root, resume)
     if resume_path is not None:
-        state = load_checkpoint(resume_path, model, optimizer)
+        state = load_checkpoint(resume_path, model, optimizer, stateful)
         start_step, last_ckpt = state["step"], resume_path
         print(f"[plugtune] resumed from {resume_path} at step {start_step}")
     log = MetricsLog(out_dir / "metrics.jsonl", resume_from_step=start_step if resume_path else None)
 
-    def set_lr(step: int) -> float:
-        lr = cfg.lr * lr_multiplier(step, total_steps, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        return lr
-
     progress = _progress(cfg.progress, total_steps, start_step)
     model.train()
-    train_loss, eval_loss, tokens_seen, t0 = float("nan"), None, 0, time.perf_counter()
+    train_loss, eval_metrics, units_seen, skipped = float("nan"), {}, 0, 0
+    t0 = time.perf_counter()
     for step in range(start_step, total_steps):
         step_t0 = time.perf_counter()
-        lr = set_lr(step)
-        micro = [make_batch(step * cfg.grad_accum + k) for k in range(cfg.grad_accum)]
-        units = sum(objective.units(b) for b in micro)
-        if units == 0:
-            raise ValueError(f"step {step}: the batch has no supervised tokens; check data.train_on and max_length")
-        loss_total = 0.0
+        lr = cfg.lr * lr_multiplier(step, total_steps, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * group["lr_scale"]
+        micro = [_to(b, device) for b in source.batches(step, model)]
+        units: dict[str, int] = {}
+        for b in micro:
+            for k, n in _keyed(objective.units(b)).items():
+                units[k] = units.get(k, 0) + n
+        step_units = sum(units.values())
+        if step_units == 0:
+            raise ValueError(f"step {step + 1}: the batch has nothing to learn from (no supervised tokens); "
+                             "check data.train_on and data.max_length")
+        step_loss = torch.zeros((), device=device)
+        key_losses: dict[str, torch.Tensor] = {}
+        metric_sums: dict[str, torch.Tensor] = {}
         for batch in micro:
-            batch = _to(batch, device)
             with _autocast(device, amp):
-                loss_sum, _ = objective(model, batch)
-            loss = loss_sum / units  # normalise by the whole accumulated batch
-            if not torch.isfinite(loss):
-                progress.close()
-                where = f"the last good checkpoint {last_ckpt} is intact" if last_ckpt else "no checkpoint was written"
-                raise NonFiniteLossError(
-                    f"the loss became {float(loss.detach())} at step {step + 1}; training stopped and {where}. "
-                    "Lower training.lr, enable clipping (training.max_grad_norm), or check the data for empty targets.")
+                losses, metrics = objective(model, batch)
+            # Each key's summed loss over the units of the whole accumulated step (exact accumulation).
+            terms = {k: v.float() / max(units.get(k, 0), 1) for k, v in _keyed(losses).items()}
+            loss = sum(terms.values())
             loss.backward()
-            loss_total += float(loss.detach())
-        grad_norm = _clip(model, cfg.max_grad_norm)
+            step_loss = step_loss + loss.detach()
+            for k, v in terms.items():
+                key_losses[k] = key_losses.get(k, 0.0) + v.detach()
+            for k, v in metrics.items():
+                metric_sums[k] = metric_sums.get(k, 0.0) + torch.as_tensor(v, dtype=torch.float32, device=device).detach()
+        grad_norm = _clip(optimizer, cfg.max_grad_norm)
+        # One host sync for the step: loss, gradient norm, per-key losses and metrics together.
+        names = ["loss", "grad_norm"] + ([f"loss/{k}" for k in key_losses] if len(key_losses) > 1 else []) + list(metric_sums)
+        tensors = [step_loss, grad_norm] + (list(key_losses.values()) if len(key_losses) > 1 else [])
+        tensors += [v / len(micro) for v in metric_sums.values()]
+        values = dict(zip(names, torch.stack([torch.as_tensor(t, device=device).float() for t in tensors]).tolist()))
+        done = step + 1
+        if not (math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])):
+            optimizer.zero_grad(set_to_none=True)
+            what = "loss" if not math.isfinite(values["loss"]) else "gradient norm"
+            if cfg.on_nonfinite == "skip":
+                skipped += 1
+                log.write({"kind": "skipped", "step": done, "reason": f"non-finite {what}"})
+                progress.write(f"step {done}: the {what} is {values['loss' if what == 'loss' else 'grad_norm']}; "
+                               "step skipped (training.on_nonfinite=skip)")
+                progress.update(1)
+                continue
+            progress.close()
+            where = f"the last good checkpoint {last_ckpt} is intact" if last_ckpt else "no checkpoint was written"
+            raise NonFiniteLossError(
+                f"the {what} became {values['loss' if what == 'loss' else 'grad_norm']} at step {done}; training "
+                f"stopped and {where}. Lower training.lr, enable clipping (training.max_grad_norm), check the data "
+                "for empty targets, or set training.on_nonfinite=skip to skip such steps.")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        train_loss, tokens_seen = loss_total, tokens_seen + units
-        done = step + 1
+        train_loss, units_seen = values["loss"], units_seen + step_units
         dt = time.perf_counter() - step_t0
         if done % cfg.log_every == 0 or done == total_steps:
-            log.write({"kind": "train", "step": done, "loss": round(train_loss, 6), "lr": lr,
-                       "grad_norm": round(grad_norm, 6), "tokens": units, "tokens_per_s": round(units / dt, 1),
-                       "elapsed_s": round(time.perf_counter() - t0, 3)})
+            record = {"kind": "train", "step": done, "loss": round(train_loss, 6), "lr": lr,
+                      "grad_norm": round(values["grad_norm"], 6), "tokens": step_units,
+                      "tokens_per_s": round(step_units / dt, 1), "elapsed_s": round(time.perf_counter() - t0, 3)}
+            record.update({k: round(v, 6) for k, v in values.items() if k not in ("loss", "grad_norm")})
+            log.write(record)
         progress.update(1)
-        progress.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{units / dt:.0f}", lr=f"{lr:.2e}")
+        shown = {k: f"{v:.3g}" for k, v in list(values.items())[2:5]}
+        progress.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{step_units / dt:.0f}", lr=f"{lr:.2e}", **shown)
         if eval_batches and ((cfg.eval_every and done % cfg.eval_every == 0) or done == total_steps):
-            eval_loss = evaluate_loss(model, eval_batches, objective, device, amp)
-            log.write({"kind": "eval", "step": done, "eval_loss": round(eval_loss, 6),
-                       "perplexity": round(math.exp(min(eval_loss, 50)), 4)})
-            progress.write(f"step {done}: eval loss {eval_loss:.4f}")
+            eval_metrics = evaluate(model, eval_batches, objective, device, amp)
+            log.write({"kind": "eval", "step": done, **{k: round(v, 6) for k, v in eval_metrics.items()}})
+            progress.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in list(eval_metrics.items())[:4]))
         if (cfg.save_every and done % cfg.save_every == 0) or done == total_steps:
             last_ckpt = save_checkpoint(ckpt_root, done, model, optimizer, {"total_steps": total_steps},
-                                        keep=cfg.keep_checkpoints)
+                                        keep=cfg.keep_checkpoints, stateful=stateful)
     progress.close()
     model.eval()
     history = log.read()
     if history:
         plot_loss_curve(history, out_dir / "loss_curve.png")
-    return FitResult(steps=total_steps, train_loss=train_loss, eval_loss=eval_loss,
-                     train_seconds=time.perf_counter() - t0, tokens=tokens_seen, trainable_params=trainable_params,
+    return FitResult(steps=total_steps, train_loss=train_loss, eval_loss=eval_metrics.get("eval_loss"),
+                     train_seconds=time.perf_counter() - t0, tokens=units_seen, trainable_params=trainable_params,
                      total_params=total_params, peak_memory_mb=peak_memory_mb(device), checkpoint=last_ckpt,
-                     history=history)
+                     history=history, eval_metrics=eval_metrics, skipped_steps=skipped)
 
 
-def _clip(model: nn.Module, max_norm: float) -> float:
-    params = [p for p in model.parameters() if p.grad is not None]
-    if not params:
-        return 0.0
-    if max_norm and max_norm > 0:
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-    return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
+def _clip(optimizer: torch.optim.Optimizer, max_norm: float) -> torch.Tensor:
+    """Clip each clip group to `max_norm` (0: no clipping); return the overall norm as a tensor."""
+    by_group: dict[str, list[torch.Tensor]] = {}
+    for group in optimizer.param_groups:
+        by_group.setdefault(group["clip_group"], []).extend(p for p in group["params"] if p.grad is not None)
+    norms = []
+    for params in by_group.values():
+        if not params:
+            continue
+        if max_norm and max_norm > 0:
+            norms.append(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        else:
+            norms.append(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params])))
+    if not norms:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
 
 
 def _find_resume(ckpt_root: Path, resume: str) -> Path | None:

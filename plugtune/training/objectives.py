@@ -16,9 +16,14 @@ from plugtune.models.causal_lm import hidden_states, lm_head
 
 
 class Objective(Protocol):
-    def units(self, batch: dict[str, torch.Tensor]) -> int: ...
+    """`units(batch)`: what the summed loss is a sum over, an int or {key: int} (one key per summed
+    loss). `__call__` returns the summed loss (a tensor, or {key: tensor}) and metrics: scalars that
+    are means over the micro-batch (tensors are fine: the loop syncs once per step). Optional:
+    `reports_perplexity`, and state_dict/load_state_dict for objectives with state."""
 
-    def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]: ...
+    def units(self, batch: dict[str, torch.Tensor]) -> int | dict[str, int]: ...
+
+    def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor | dict, dict]: ...
 
 
 class CausalLMObjective:
@@ -27,6 +32,8 @@ class CausalLMObjective:
     The LM head is applied only where a label exists: with a 49,152-word vocabulary, (B, T, V)
     logits dominate a LoRA step's time and memory when most tokens are prompt.
     """
+
+    reports_perplexity = True
 
     def units(self, batch: dict[str, torch.Tensor]) -> int:
         return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
@@ -37,7 +44,7 @@ class CausalLMObjective:
         keep = targets != IGNORE_INDEX
         logits = lm_head(model)(hidden[:, :-1][keep])  # (N, V), N = supervised tokens
         loss_sum = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
-        return loss_sum, {"tokens": int(keep.sum())}
+        return loss_sum, {}
 
 
 def full_logits_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -17,7 +17,7 @@ from plugtune.config import RunConfig, to_dict
 from plugtune.data import load_examples, micro_batch, tokenize_dataset
 from plugtune.data.batching import collate
 from plugtune.models.loading import LoadedModel, autocast_dtype, load_base
-from plugtune.training.loop import FitResult, fit
+from plugtune.training.loop import FitResult, IndexedBatches, fit
 
 
 @dataclass
@@ -75,10 +75,10 @@ def train(cfg: RunConfig, loaded: LoadedModel | None = None) -> TrainReport:
         eval_batches = [collate(eval_items[i:i + bs], tok.pad_token_id) for i in range(0, len(eval_items), bs)]
 
     t = cfg.training
-    result: FitResult = fit(
-        model, lambda i: micro_batch(train_items, i, t.batch_size, t.seed, tok.pad_token_id), len(train_items), t,
-        out, eval_batches=eval_batches, device=device, amp=autocast_dtype(cfg.model.dtype, device),
-        resume=cfg.output.resume)
+    source = IndexedBatches(lambda i: micro_batch(train_items, i, t.batch_size, t.seed, tok.pad_token_id),
+                            len(train_items), t.batch_size, t.grad_accum)
+    result: FitResult = fit(model, source, t, out, eval_batches=eval_batches, device=device,
+                            amp=autocast_dtype(cfg.model.dtype, device), resume=cfg.output.resume)
 
     if cfg.method == "full":
         artifact = out / "model"
