@@ -1,0 +1,377 @@
+"""Preference data for reward models and the DPO family (pairs), KTO (unpaired, labelled
+desirable or not) and prompt-only records for RL rollouts.
+
+    paired    {"prompt", "chosen", "rejected", "system"?, "margin"?}   prompt: str | turns ending on a user turn
+    implicit  {"chosen": [turns], "rejected": [turns]}                 TRL's implicit prompt: the shared prefix
+    unpaired  {"prompt", "completion", "label": true|false}            KTO
+    prompts   {"prompt", ...}                                          extra fields kept in PromptItem.meta
+
+A string prompt is one user turn and a string completion one assistant turn. Tokenisation is
+SFT's: prompt+completion is rendered as one conversation and only the completion's assistant
+turns (with their end-of-turn token) are labelled, so the prompt tokens are exactly
+`prompt_ids(tokenizer, prompt)`, what the model is given at generation time.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from plugtune.data.batching import collate, epoch_order
+from plugtune.data.formats import _ROLES, DataError, _require_str, read_records
+from plugtune.data.templates import assistant_spans, ensure_chat_template, tokenize_segments
+from plugtune.data.tokenize import IGNORE_INDEX, Tokenized, TokenizeStats, prompt_ids
+
+PREFERENCE_FORMATS = ("paired", "implicit", "unpaired")
+Messages = list[dict[str, str]]
+
+
+@dataclass
+class PreferencePair:
+    prompt: Messages  # ends with a user turn; may hold earlier assistant turns (history, never trained)
+    chosen: Messages  # assistant turn(s) only
+    rejected: Messages
+    margin: float | None = None  # how much better chosen is (reward-model margin loss, Llama 2 eq. 2)
+    where: str = ""  # "file:line", for messages about this pair later on
+
+
+@dataclass
+class UnpairedExample:
+    prompt: Messages
+    completion: Messages
+    label: bool  # True: desirable, False: undesirable (KTO)
+    where: str = ""
+
+
+@dataclass
+class TokenizedPair:
+    chosen_ids: list[int]
+    chosen_labels: list[int]  # IGNORE_INDEX except on the chosen completion's assistant tokens
+    rejected_ids: list[int]
+    rejected_labels: list[int]
+    prompt_len: int  # the first prompt_len tokens of both sequences are the (identical) prompt
+    margin: float | None = None
+
+
+@dataclass
+class TokenizedUnpaired:
+    ids: list[int]
+    labels: list[int]
+    label: bool
+    prompt_len: int = 0  # lets KTO's KL estimate splice prompt i onto completion j without re-tokenising
+
+
+@dataclass
+class PromptItem:
+    prompt_ids: list[int]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- reading
+
+
+def detect_preference_format(record: Any) -> str | None:
+    if not isinstance(record, dict):
+        return None
+    if "label" in record and "completion" in record:
+        return "unpaired"
+    if "chosen" in record and "rejected" in record:
+        return "paired" if "prompt" in record else "implicit"
+    return None
+
+
+def _turns(value: Any, where: str, name: str) -> Messages:
+    """A string (one turn, role decided by the caller) is handled before; here a list of messages,
+    validated like formats._messages but naming our field (`chosen[1]`, not `messages[1]`)."""
+    if not isinstance(value, list) or not value:
+        raise DataError(f"{where}: field '{name}' must be a non-empty string or a non-empty list of "
+                        "{'role', 'content'} messages")
+    out = []
+    for i, turn in enumerate(value):
+        at = f"{where}: {name}[{i}]"
+        if not isinstance(turn, dict):
+            raise DataError(f"{at} must be an object with 'role' and 'content'")
+        role = _require_str(turn, "role", at)
+        if role not in _ROLES:
+            raise DataError(f"{at}: unknown role '{role}' (expected one of {', '.join(_ROLES)})")
+        out.append({"role": role, "content": _require_str(turn, "content", at)})
+    return out
+
+
+def _field(record: dict, name: str, where: str, role: str) -> Messages:
+    """A required field: a non-empty string (one `role` turn) or a list of messages."""
+    if name not in record or record[name] is None:
+        raise DataError(f"{where}: missing field '{name}'")
+    value = record[name]
+    if isinstance(value, str):
+        if not value.strip():
+            raise DataError(f"{where}: field '{name}' is empty; give it some text or remove the record")
+        return [{"role": role, "content": value}]
+    return _turns(value, where, name)
+
+
+def _check_prompt(prompt: Messages, where: str, name: str = "prompt") -> None:
+    # Generation continues after the last user turn; a prompt ending on an assistant turn would
+    # train the model to answer its own message.
+    if not any(m["role"] == "user" for m in prompt):
+        raise DataError(f"{where}: field '{name}' has no user turn; a prompt must end with the user's message")
+    if prompt[-1]["role"] != "user":
+        raise DataError(f"{where}: the last turn of field '{name}' is '{prompt[-1]['role']}'; a prompt must end with "
+                        "a user turn (move a final assistant turn into the completion)")
+
+
+def _check_completion(turns: Messages, where: str, name: str) -> None:
+    for i, m in enumerate(turns):
+        if m["role"] != "assistant":
+            raise DataError(f"{where}: {name}[{i}] is a '{m['role']}' turn; a completion holds assistant turns "
+                            "only (put the conversation so far in 'prompt', or drop 'prompt' to use the implicit "
+                            "form where chosen/rejected are whole conversations)")
+        if not m["content"].strip():
+            raise DataError(f"{where}: {name}[{i}] has empty content; there is nothing to prefer")
+
+
+def _with_system(record: dict, prompt: Messages, where: str) -> Messages:
+    if "system" not in record or record["system"] is None:
+        return prompt
+    system = _require_str(record, "system", where)
+    if prompt[0]["role"] == "system":
+        raise DataError(f"{where}: both a 'system' field and a system turn in the prompt; keep one of them")
+    return [{"role": "system", "content": system}, *prompt]
+
+
+def _split_implicit(chosen: Messages, rejected: Messages, where: str) -> tuple[Messages, Messages, Messages]:
+    """The longest common prefix of turns is the prompt (TRL's `extract_prompt`), the rest the completions."""
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    if n == 0:
+        raise DataError(f"{where}: implicit pair: 'chosen' and 'rejected' share no first turn, so there is no "
+                        "prompt; both must start with the same conversation (or give a 'prompt' field)")
+    if chosen == rejected:
+        raise DataError(f"{where}: 'chosen' is identical to 'rejected'; the pair carries no preference")
+    if chosen[n - 1]["role"] != "user":
+        raise DataError(f"{where}: implicit pair: the shared prefix of 'chosen' and 'rejected' (turns 0..{n - 1}) "
+                        f"ends with a '{chosen[n - 1]['role']}' turn, not a user turn; they must differ from the "
+                        "first reply after the last shared user turn")
+    return chosen[:n], chosen[n:], rejected[n:]
+
+
+def _margin(record: dict, where: str) -> float | None:
+    value = record.get("margin")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise DataError(f"{where}: field 'margin' must be a number, got {type(value).__name__}")
+    return float(value)
+
+
+def parse_preference(record: Any, fmt: str, where: str) -> PreferencePair | UnpairedExample:
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    if fmt == "unpaired":
+        prompt = _with_system(record, _field(record, "prompt", where, "user"), where)
+        completion = _field(record, "completion", where, "assistant")
+        if "label" not in record:
+            raise DataError(f"{where}: missing field 'label' (true for a desirable completion, false otherwise)")
+        if not isinstance(record["label"], bool):
+            raise DataError(f"{where}: field 'label' must be true or false, got {record['label']!r}")
+        _check_prompt(prompt, where)
+        _check_completion(completion, where, "completion")
+        return UnpairedExample(prompt, completion, record["label"], where)
+    if fmt == "paired":
+        prompt = _field(record, "prompt", where, "user")
+        chosen = _field(record, "chosen", where, "assistant")
+        rejected = _field(record, "rejected", where, "assistant")
+    elif fmt == "implicit":
+        # A 'prompt' field next to whole conversations is ignored, as TRL's maybe_extract_prompt does.
+        if isinstance(record.get("chosen"), str) or isinstance(record.get("rejected"), str):
+            raise DataError(f"{where}: an implicit pair needs 'chosen' and 'rejected' as message lists (whole "
+                            "conversations); for plain text add a 'prompt' field")
+        prompt, chosen, rejected = _split_implicit(_field(record, "chosen", where, "user"),
+                                                   _field(record, "rejected", where, "user"), where)
+    else:
+        raise DataError(f"unknown preference format '{fmt}' (use auto or one of {', '.join(PREFERENCE_FORMATS)})")
+    _check_prompt(prompt, where)
+    _check_completion(chosen, where, "chosen")
+    _check_completion(rejected, where, "rejected")
+    if chosen == rejected:
+        raise DataError(f"{where}: 'chosen' is identical to 'rejected'; the pair carries no preference")
+    return PreferencePair(_with_system(record, prompt, where), chosen, rejected, _margin(record, where), where)
+
+
+def load_preferences(path: str | Path, fmt: str = "auto") -> list[PreferencePair] | list[UnpairedExample]:
+    """Pairs (paired / implicit files) or unpaired examples; one format per file."""
+    records = read_records(path)
+    if not records:
+        raise DataError(f"{path}: no records")
+    auto = fmt == "auto"
+    if auto:
+        where, first = records[0]
+        fmt = detect_preference_format(first) or ""
+        if not fmt:
+            keys = sorted(first) if isinstance(first, dict) else type(first).__name__
+            raise DataError(f"{where}: cannot tell the preference format from {keys}; expected "
+                            "'prompt'+'chosen'+'rejected', 'chosen'+'rejected' (implicit prompt) or "
+                            "'prompt'+'completion'+'label'")
+    out = []
+    for where, record in records:
+        found = detect_preference_format(record)
+        if auto and found is not None and found != fmt:
+            raise DataError(f"{where}: this record is '{found}' but the file's first record is '{fmt}'; "
+                            "use one format per file")
+        out.append(parse_preference(record, fmt, where))
+    # A margin on some pairs only would silently train the others with margin 0.
+    with_margin = [isinstance(x, PreferencePair) and x.margin is not None for x in out]
+    if any(with_margin) and not all(with_margin):
+        where = out[with_margin.index(False)].where
+        raise DataError(f"{where}: missing field 'margin'; other pairs in the file have one, give it to all or none")
+    return out
+
+
+def load_prompts(path: str | Path, tokenizer) -> list[PromptItem]:
+    """Prompt-only records for rollouts: `prompt` (str or turns ending on a user turn), optional `system`;
+    every other field (a reference answer, an id) is kept in `meta` for the reward function."""
+    items = []
+    for where, record in read_records(path):
+        if not isinstance(record, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        prompt = _with_system(record, _field(record, "prompt", where, "user"), where)
+        _check_prompt(prompt, where)
+        meta = {k: v for k, v in record.items() if k not in ("prompt", "system")}
+        items.append(PromptItem(prompt_ids(tokenizer, prompt), meta))
+    if not items:
+        raise DataError(f"{path}: no records")
+    return items
+
+
+# ---------------------------------------------------------------- tokenising
+
+
+def _tokenize_turns(tokenizer, prompt: Messages, completion: Messages, where: str) -> tuple[list[int], list[int], int]:
+    """ids, labels and prompt length of prompt+completion rendered as one conversation."""
+    ensure_chat_template(tokenizer)
+    text, spans = assistant_spans(tokenizer, prompt + completion)
+    history = sum(m["role"] == "assistant" for m in prompt)  # assistant turns in the prompt are context only
+    ids, inside = tokenize_segments(tokenizer, text, spans[history:])
+    labels = [t if flag else IGNORE_INDEX for t, flag in zip(ids, inside)]
+    prompt_tokens = prompt_ids(tokenizer, prompt)
+    # A template that renders the prompt differently alone (e.g. strips earlier reasoning) would train on a
+    # context the model never sees when generating; TRL only warns, we refuse.
+    if ids[:len(prompt_tokens)] != prompt_tokens or any(lab != IGNORE_INDEX for lab in labels[:len(prompt_tokens)]):
+        raise ValueError(f"{where}: the chat template renders the prompt differently inside the conversation than "
+                         "with add_generation_prompt=True; preference training needs them to agree")
+    return ids, labels, len(prompt_tokens)
+
+
+def tokenize_pair(tokenizer, pair: PreferencePair) -> TokenizedPair:
+    c_ids, c_labels, n = _tokenize_turns(tokenizer, pair.prompt, pair.chosen, pair.where)
+    r_ids, r_labels, _ = _tokenize_turns(tokenizer, pair.prompt, pair.rejected, pair.where)
+    return TokenizedPair(c_ids, c_labels, r_ids, r_labels, n, pair.margin)
+
+
+def tokenize_unpaired(tokenizer, example: UnpairedExample) -> TokenizedUnpaired:
+    ids, labels, n = _tokenize_turns(tokenizer, example.prompt, example.completion, example.where)
+    return TokenizedUnpaired(ids, labels, example.label, n)
+
+
+def _fit(ids: list[int], labels: list[int], prompt_len: int, max_length: int,
+         max_prompt_length: int | None) -> tuple[list[int], list[int], int]:
+    """TRL's policy: the prompt loses its start (the latest turns and the assistant header are what the
+    reply depends on), then the completion loses its end."""
+    cut = max(0, prompt_len - max_prompt_length) if max_prompt_length else 0
+    return ids[cut:][:max_length], labels[cut:][:max_length], prompt_len - cut
+
+
+def tokenize_preferences(tokenizer, items: list[PreferencePair] | list[UnpairedExample], max_length: int,
+                         max_prompt_length: int | None = None, overflow: str = "truncate",
+                         ) -> tuple[list[TokenizedPair] | list[TokenizedUnpaired], TokenizeStats]:
+    """Tokenise with a length policy. overflow="truncate": prompts over max_prompt_length keep their last
+    tokens, sequences over max_length lose the completion's end; "drop": either case drops the item.
+    An item left with no completion tokens in a sequence (the prompt fills max_length) is dropped."""
+    if overflow not in ("truncate", "drop"):
+        raise ValueError(f"overflow must be 'truncate' or 'drop', got {overflow!r}")
+    stats = TokenizeStats(examples=len(items))
+    out: list = []
+    identical = 0
+    for item in items:
+        if isinstance(item, PreferencePair):
+            tok = tokenize_pair(tokenizer, item)
+            seqs = [(tok.chosen_ids, tok.chosen_labels), (tok.rejected_ids, tok.rejected_labels)]
+        else:
+            tok = tokenize_unpaired(tokenizer, item)
+            seqs = [(tok.ids, tok.labels)]
+        longest = max(len(ids) for ids, _ in seqs)
+        stats.max_tokens = max(stats.max_tokens, longest)
+        too_long = longest > max_length or (max_prompt_length is not None and tok.prompt_len > max_prompt_length)
+        if too_long and overflow == "drop":
+            stats.dropped_too_long += 1
+            continue
+        fitted = [_fit(ids, labels, tok.prompt_len, max_length, max_prompt_length) for ids, labels in seqs]
+        # Label t is predicted from position t-1, so the first token never counts (as in SFT).
+        counts = [sum(lab != IGNORE_INDEX for lab in labels[1:]) for _, labels, _ in fitted]
+        if min(counts) == 0:
+            stats.dropped_no_labels += 1
+            continue
+        if isinstance(tok, TokenizedPair):
+            (c_ids, c_labels, n), (r_ids, r_labels, _) = fitted
+            if c_ids == r_ids:  # truncation cut away every difference: zero preference signal
+                identical += 1
+                stats.dropped_no_labels += 1
+                continue
+            tok = TokenizedPair(c_ids, c_labels, r_ids, r_labels, n, tok.margin)
+        else:
+            (ids, labels, n), = fitted
+            tok = TokenizedUnpaired(ids, labels, tok.label, n)
+        stats.truncated += int(too_long)
+        stats.supervised_tokens += sum(counts)
+        out.append(tok)
+    if identical:
+        stats.notes.append(f"{identical} pairs dropped: chosen and rejected identical after truncation")
+    stats.kept = len(out)
+    return out, stats
+
+
+# ---------------------------------------------------------------- batching
+
+
+def collate_pairs(items: list[TokenizedPair], pad_id: int) -> dict[str, torch.Tensor]:
+    """One (2B, T) right-padded batch, rows 0..B-1 chosen and B..2B-1 rejected, so a single forward
+    scores both (policy and reference alike); `margin` (B,) when the pairs carry one."""
+    rows = [Tokenized(it.chosen_ids, it.chosen_labels) for it in items]
+    rows += [Tokenized(it.rejected_ids, it.rejected_labels) for it in items]
+    batch = collate(rows, pad_id)  # input_ids, attention_mask, labels: (2B, T)
+    margins = [it.margin for it in items]
+    if any(m is not None for m in margins):
+        if any(m is None for m in margins):
+            raise ValueError("some pairs in the batch have a margin and some do not")
+        batch["margin"] = torch.tensor(margins, dtype=torch.float32)  # (B,)
+    return batch
+
+
+def collate_unpaired(items: list[TokenizedUnpaired], pad_id: int) -> dict[str, torch.Tensor]:
+    """input_ids, attention_mask, labels (B, T) and `label` (B,) bool: desirable or not."""
+    batch = collate([Tokenized(it.ids, it.labels) for it in items], pad_id)
+    batch["label"] = torch.tensor([it.label for it in items], dtype=torch.bool)
+    return batch
+
+
+def _batch_indices(n: int, index: int, batch_size: int, seed: int) -> list[int]:
+    # Same schedule as batching.micro_batch: endless shuffled epochs, drop-last, order from (seed, epoch).
+    per_epoch = max(1, n // batch_size)
+    epoch, within = divmod(index, per_epoch)
+    order = epoch_order(n, seed, epoch)
+    chosen = order[within * batch_size:(within + 1) * batch_size]
+    return chosen if len(chosen) == batch_size else order[:batch_size]
+
+
+def micro_batch_pairs(items: list[TokenizedPair], index: int, batch_size: int, seed: int,
+                      pad_id: int) -> dict[str, torch.Tensor]:
+    """The `index`-th micro-batch of `batch_size` pairs (2 * batch_size rows); resumable from `index`."""
+    return collate_pairs([items[i] for i in _batch_indices(len(items), index, batch_size, seed)], pad_id)
+
+
+def micro_batch_unpaired(items: list[TokenizedUnpaired], index: int, batch_size: int, seed: int,
+                         pad_id: int) -> dict[str, torch.Tensor]:
+    return collate_unpaired([items[i] for i in _batch_indices(len(items), index, batch_size, seed)], pad_id)
