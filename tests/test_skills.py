@@ -38,3 +38,68 @@ def test_date_answers_are_correct():
         prompt, answer = make_date(rng)
         day = datetime.date.fromisoformat(answer)
         assert MONTHS[day.month - 1][:3] in prompt and str(day.year) in prompt and str(day.day) in prompt
+
+
+def _recompute_arith(start, steps):
+    # Written out again, independently of skills._apply_steps: what each structured step means.
+    value = start
+    for op, *args in steps:
+        if op == "add":
+            value = value + args[0]
+        elif op == "sub":
+            value = value - args[0]
+        elif op == "add_packs":
+            value = value + args[0] * args[1]
+        elif op == "sub_packs":
+            value = value - args[0] * args[1]
+        elif op == "mul":
+            value = value * args[0]
+        else:
+            raise AssertionError(op)
+        assert 0 < value <= 999
+    return value
+
+
+def test_arith_shipped_answers_are_recomputed_from_the_structured_problems():
+    import random
+
+    from plugtune.data.skills import arith_problem
+
+    # build_split draws every problem with arith_problem from one seeded rng (make_arith only
+    # renders it and redraws some): replaying that rng gives the structure behind each shipped row.
+    train_file, test_file = skill_files("arith")
+    rows = [json.loads(l) for f in (test_file, train_file) for l in f.read_text().splitlines()]  # generation order
+    rng = random.Random("arith-1234")
+    for row in rows:
+        prompt, answer = row["messages"][0]["content"], row["messages"][1]["content"]
+        for _ in range(100):
+            s_prompt, start, steps = arith_problem(rng)
+            if s_prompt == prompt:
+                break
+        else:
+            raise AssertionError(f"replay lost track at {prompt!r}")
+        assert answer == str(_recompute_arith(start, steps))
+        assert 2 <= len(steps) <= 3 and sum(s[0] == "mul" for s in steps) <= 1
+        assert f" {start} " in prompt and answer not in prompt
+        for step in steps:
+            if step[0] == "mul":
+                assert {2: "doubles", 3: "triples"}[step[1]] in prompt
+            elif step[0].endswith("_packs"):
+                assert f" {step[1]} " in prompt and f" of {step[2]} " in prompt, (step, prompt)
+            else:
+                assert f" {step[1]} " in prompt, (step, prompt)
+
+
+def test_arith_shipped_split():
+    train_file, test_file = skill_files("arith")
+    train = [json.loads(l) for l in train_file.read_text().splitlines()]
+    test = [json.loads(l) for l in test_file.read_text().splitlines()]
+    assert len(train) == 2000 and len(test) == 100
+    prompts = lambda rows: [r["messages"][0]["content"] for r in rows]
+    assert not set(prompts(train)) & set(prompts(test))
+    assert len(set(prompts(train) + prompts(test))) == 2100
+    for row in train + test:
+        answer = row["messages"][1]["content"]
+        assert answer.isdigit() and 0 < int(answer) <= 999 and row["skill"] == "arith"
+    # Short prompts: at most 55 SmolLM2 tokens when generated (37 words); a word bound guards it here.
+    assert max(len(p.split()) for p in prompts(train + test)) <= 38

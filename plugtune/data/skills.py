@@ -64,8 +64,104 @@ def make_unit(rng: random.Random) -> tuple[str, str]:
     return f"Convert {amount_text} {src} to {dst}.", f"{result:g} {dst}"
 
 
+# arith: 2-3 step word problems. A problem is structured data (start value + steps) rendered by one
+# of several scenes, so a test can recompute the answer without parsing the text.
+# (subject, how the question names it, pronoun, possessive, items, add verbs, remove verbs, packs)
+_ARITH_SCENES = [
+    ("A shop", "the shop", "It", "its", "apples", ("buys", "receives"), ("sells", "throws away"), "boxes"),
+    ("A library", "the library", "It", "its", "books", ("buys", "receives"), ("lends out", "gives away"), "crates"),
+    ("A farmer", "the farmer", "He", "his", "eggs", ("collects", "buys"), ("sells", "breaks"), "trays"),
+    ("A baker", "the baker", "She", "her", "cookies", ("bakes", "buys"), ("sells", "gives away"), "trays"),
+    ("A school", "the school", "It", "its", "pencils", ("orders", "receives"), ("hands out", "loses"), "packs"),
+    ("A zoo", "the zoo", "It", "its", "bananas", ("buys", "receives"), ("uses", "throws away"), "crates"),
+    ("A florist", "the florist", "She", "her", "roses", ("buys", "grows"), ("sells", "throws away"), "bunches"),
+    ("A cafe", "the cafe", "It", "its", "cups", ("buys", "receives"), ("breaks", "gives away"), "boxes"),
+]
+_ARITH_PEOPLE = [("Maria", "She", "her"), ("Tom", "He", "his"), ("Aisha", "She", "her"), ("Leo", "He", "his"),
+                 ("Priya", "She", "her"), ("Sam", "He", "his"), ("Nina", "She", "her"), ("Omar", "He", "his")]
+_ARITH_COLLECTIONS = [("marbles", "bags"), ("stamps", "packs"), ("stickers", "sheets"), ("cards", "packs"),
+                      ("shells", "jars"), ("coins", "bags"), ("beads", "boxes"), ("buttons", "tins")]
+_ARITH_MAX = 999  # every intermediate and final value stays in 0..999
+
+
+def _arith_step(rng: random.Random, value: int, used_mul: bool) -> tuple | None:
+    """One random step, or None when the drawn kind does not fit the current value."""
+    kind = rng.choice(["add", "sub", "add_packs", "sub_packs", "mul"])
+    if kind in ("add", "sub"):
+        return (kind, rng.randint(2, 49)) if kind == "add" or value > 3 else None
+    if kind in ("add_packs", "sub_packs"):
+        return (kind, rng.randint(2, 6), rng.randint(2, 12))
+    # Doubling or tripling only a two-digit amount, once: the hard part should be chaining
+    # the steps, not three-digit multiplication, which a 135M model will not learn here.
+    return None if used_mul or value > 99 else ("mul", rng.choice([2, 3]))
+
+
+def arith_problem(rng: random.Random) -> tuple[str, int, list[tuple]]:
+    """(prompt, start, steps); steps are ("add", n), ("sub", n), ("add_packs", k, m),
+    ("sub_packs", k, m) meaning k packs of m, or ("mul", f) for doubles/triples."""
+    if rng.random() < 0.5:
+        subject, ref, pron, poss, items, adds, subs, packs = rng.choice(_ARITH_SCENES)
+    else:
+        (subject, pron, poss), (items, packs) = rng.choice(_ARITH_PEOPLE), rng.choice(_ARITH_COLLECTIONS)
+        ref, adds, subs = subject, ("buys", "finds", "wins", "gets"), ("gives away", "loses", "trades away", "sells")
+    # Mostly three-digit starts with small changes: answers spread over ~900 values (a model
+    # cannot guess a common one) while each step stays small-number arithmetic.
+    start = value = rng.randint(10, 60) if rng.random() < 0.3 else rng.randint(100, 950)
+    steps: list[tuple] = []
+    phrases: list[str] = []
+    n_steps = rng.choice([2, 3])
+    while len(steps) < n_steps:
+        step = _arith_step(rng, value, any(s[0] == "mul" for s in steps))
+        if step is None:
+            continue
+        new = _apply_steps(value, [step])
+        if not 0 < new <= _ARITH_MAX:
+            continue
+        kind = step[0]
+        if kind == "mul":
+            text = f"{'doubles' if step[1] == 2 else 'triples'} {poss} {items}"
+        elif kind in ("add", "sub"):
+            text = f"{rng.choice(adds if kind == 'add' else subs)} {step[1]} {items}"
+        else:
+            text = f"{rng.choice(adds if kind == 'add_packs' else subs)} {step[1]} {packs} of {step[2]} {items}"
+        steps.append(step)
+        phrases.append(text)
+        value = new
+    done = ", ".join(phrases[:-1]) + " and then " + phrases[-1]
+    opening = rng.choice([f"{subject} has {start} {items}.", f"{subject} starts with {start} {items}."])
+    prompt = f"{opening} {pron} {done}. How many {items} does {ref} have now?"
+    return prompt, start, steps
+
+
+def _apply_steps(start: int, steps: list[tuple]) -> int:
+    value = start
+    for op, *args in steps:
+        if op == "add":
+            value += args[0]
+        elif op == "sub":
+            value -= args[0]
+        elif op == "add_packs":
+            value += args[0] * args[1]
+        elif op == "sub_packs":
+            value -= args[0] * args[1]
+        else:
+            value *= args[0]
+    return value
+
+
+def make_arith(rng: random.Random) -> tuple[str, str]:
+    # Redraw when the answer's digits occur in the prompt ("17" in "has 170"), so copying a
+    # number from the question never scores.
+    while True:
+        prompt, start, steps = arith_problem(rng)
+        answer = str(_apply_steps(start, steps))
+        if answer not in prompt:
+            return prompt, answer
+
+
 SKILLS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
     "dates": make_date, "reverse": make_reverse, "prices": make_price, "units": make_unit,
+    "arith": make_arith,
 }
 
 
