@@ -10,12 +10,56 @@ import json
 import sys
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def _add_model_args(p: argparse.ArgumentParser, pool: bool = True) -> None:
     p.add_argument("--model", default="smollm2-135m", help="built-in name or local model directory")
-    p.add_argument("--adapter", default=None, help="adapter directory (plugtune or PEFT format)")
+    if pool:
+        p.add_argument("--adapter", action="append", default=[], metavar="[NAME=]DIR",
+                       help="an adapter directory (plugtune or PEFT format), optionally named; repeat for a pool")
+        p.add_argument("--use", default=None, metavar="NAME[,NAME]|auto|base",
+                       help="which adapter answers: a name, several stacked (a,b), 'auto' (the router) or 'base'; "
+                            "default: the only adapter given")
+        p.add_argument("--router", default=None, help="router directory (for --use auto; default: DIR/router "
+                                                      "beside the adapters when present)")
+    else:
+        p.add_argument("--adapter", default=None, help="adapter directory (plugtune or PEFT format)")
     p.add_argument("--force", action="store_true", help="load an adapter even if it was made for another base")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
+
+
+def parse_adapter_args(values: list[str]) -> dict[str, str]:
+    """['dates=runs/a/adapter', 'runs/b'] -> {'dates': 'runs/a/adapter', 'default': 'runs/b'}."""
+    out: dict[str, str] = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        name, path = (name, path) if sep else ("default", value)
+        if not name or not path:
+            raise ValueError(f"--adapter {value!r}: expected NAME=DIR or DIR")
+        if name in out:
+            raise ValueError(f"--adapter: the name '{name}' is given twice; give each adapter its own NAME=DIR")
+        out[name] = path
+    return out
+
+
+def _load_pool(args):
+    """The base with every --adapter, the router if any, and what --use says (None: per-row 'auto')."""
+    from pathlib import Path
+
+    from plugtune.api import load
+
+    adapters = parse_adapter_args(args.adapter)
+    router = args.router
+    if router is None and args.use == "auto":  # a multi-task run writes its router beside the adapters
+        candidates = {Path(p).parent / "router" for p in adapters.values()}
+        router = next((str(c) for c in candidates if (c / "router.json").is_file()), None)
+        if router is None:
+            raise ValueError("--use auto needs a router: pass --router DIR (multi-task runs write one to "
+                             "OUTPUT/adapters/router)")
+    use = None if args.use in (None, "auto", "base") else args.use.split(",")
+    lm = load(args.model, adapters, args.dtype, args.device, args.force, use=use, router=router)
+    if args.use == "base":
+        lm.use(None)
+    return lm, ("auto" if args.use == "auto" else None)
 
 
 def _add_gen_args(p: argparse.ArgumentParser) -> None:
@@ -43,25 +87,25 @@ def cmd_train(args) -> None:
 
 
 def cmd_generate(args) -> None:
-    from plugtune.api import load
-    from plugtune.inference.generate import generate
-
     prompts = list(args.prompt or [])
     if args.prompts_file:
         with open(args.prompts_file) as f:
             prompts += [line.rstrip("\n") for line in f if line.strip()]
     if not prompts:
         raise ValueError("give at least one --prompt or a --prompts-file")
-    lm = load(args.model, args.adapter, args.dtype, args.device, args.force)
-    for prompt, out in zip(prompts, generate(lm.model, lm.tokenizer, prompts, _gen_config(args), chat=not args.raw)):
-        print(json.dumps({"prompt": prompt, "output": out}, ensure_ascii=False) if args.json else out)
+    lm, per_row = _load_pool(args)
+    names = lm.resolve(prompts, per_row)
+    outputs = lm.generate(prompts, names, _gen_config(args), chat=not args.raw)
+    for k, (prompt, out) in enumerate(zip(prompts, outputs)):
+        if args.json:
+            record = {"prompt": prompt, "output": out, "adapter": names[k] if names else ",".join(lm.active) or None}
+            print(json.dumps(record, ensure_ascii=False))
+        else:
+            print(out)
 
 
 def cmd_chat(args) -> None:
-    from plugtune.api import load
-    from plugtune.inference.generate import generate
-
-    lm = load(args.model, args.adapter, args.dtype, args.device, args.force)
+    lm, per_row = _load_pool(args)
     history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
     print("plugtune chat — empty line or /exit quits, /reset clears the conversation")
     for line in sys.stdin if not sys.stdin.isatty() else iter(lambda: input("you> "), None):
@@ -72,23 +116,28 @@ def cmd_chat(args) -> None:
             history = history[:1] if args.system else []
             continue
         history.append({"role": "user", "content": text})
-        reply = generate(lm.model, lm.tokenizer, [history], _gen_config(args))[0]
+        names = lm.resolve([history], per_row)
+        reply = lm.generate([history], names, _gen_config(args))[0]
         history.append({"role": "assistant", "content": reply})
-        print(f"assistant> {reply}", flush=True)
+        who = f" [{names[0] or 'base'}]" if names else ""
+        print(f"assistant{who}> {reply}", flush=True)
 
 
 def cmd_eval(args) -> None:
-    from plugtune.api import load
     from plugtune.data import load_examples
     from plugtune.evaluation import exact_match, loss_and_perplexity
 
     examples = load_examples(args.data, args.format)
     if args.limit:
         examples = examples[: args.limit]
-    lm = load(args.model, args.adapter, args.dtype, args.device, args.force)
-    result = {"data": args.data, **loss_and_perplexity(lm.model, lm.tokenizer, examples, args.max_length)}
+    lm, per_row = _load_pool(args)
+    names = lm.resolve([ex.prompt_messages() for ex in examples], per_row)
+    result = {"data": args.data, "adapter": "auto" if names else ",".join(lm.active) or "base",
+              **loss_and_perplexity(lm.model, lm.tokenizer, examples, args.max_length, adapter_names=names)}
+    if names:
+        result["routed"] = {str(k): names.count(k) for k in dict.fromkeys(names)}
     if args.exact_match:
-        em = exact_match(lm.model, lm.tokenizer, examples, _gen_config(args))
+        em = exact_match(lm.model, lm.tokenizer, examples, _gen_config(args), adapter_names=names)
         result.update(exact_match=em.accuracy, correct=em.correct, total=em.total, generate_seconds=round(em.seconds, 2))
         if args.show:
             for s in em.samples[: args.show]:
@@ -97,6 +146,13 @@ def cmd_eval(args) -> None:
 
 
 def cmd_demo(args) -> None:
+    if args.skills:
+        from plugtune.skills_demo import run_skills_demo
+
+        run_skills_demo([s.strip() for s in args.skills.split(",") if s.strip()], model=args.model,
+                        out=args.out if args.out != "runs/demo" else "runs/skills", steps=args.steps,
+                        n_test=args.n_test if args.n_test != 100 else 50, overrides=args.overrides)
+        return
     from plugtune.demo import run_demo
 
     run_demo(skill=args.skill, model=args.model, out=args.out, steps=args.steps, n_test=args.n_test,
@@ -164,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="before/after table: teach the default model a skill with LoRA")
     p.add_argument("--skill", default="dates")
+    p.add_argument("--skills", default=None, help="two or more skills, e.g. dates,units: train one adapter per skill "
+                                                  "together, serve them in mixed batches, route automatically")
     p.add_argument("--model", default=None, help="override the demo's model (default smollm2-135m)")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--steps", type=int, default=None)
@@ -172,11 +230,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("merge", help="fold an adapter (LoRA, DoRA, IA3) into the base and save a plain model")
-    _add_model_args(p)
+    _add_model_args(p, pool=False)
     p.add_argument("--out", required=True, help="output model directory")
     p.set_defaults(func=cmd_merge)
 
-    p = sub.add_parser("adapters", help="adapter methods: `plugtune adapters info` prints their costs")
+    p = sub.add_parser("adapters", help="adapter tools: info (costs of every method), combine (arithmetic)")
     adapters_sub = p.add_subparsers(dest="adapters_command", required=True)
     p = adapters_sub.add_parser("info", help="trainable parameters, %% of the base, latency unmerged vs merged")
     p.add_argument("--model", default="smollm2-135m")
@@ -186,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     p.set_defaults(func=cmd_adapters_info)
+    from plugtune.adapters.arithmetic import add_combine_parser
+
+    add_combine_parser(adapters_sub)
 
     return parser
 

@@ -64,6 +64,27 @@ class OutputConfig:
 
 
 @dataclass
+class TaskConfig:
+    """One adapter of a multi-task run: its method and keys, and its own data."""
+
+    method: str = "lora"
+    adapter: dict[str, Any] = field(default_factory=dict)  # the method's parameters
+    train: str = ""  # this adapter's training file
+    eval: str = ""  # optional held-out file
+    format: str = "auto"
+    rows: int = 0  # rows of every micro-batch taken from this adapter's data; 0: an equal share of batch_size
+
+
+@dataclass
+class RouterConfig:
+    build: bool = True  # build a router from the adapters' training prompts (multi-task runs)
+    max_prompts: int = 256  # training prompts per adapter used to fit it
+    quantile: float = 0.01  # similarity threshold: this quantile of an adapter's own prompts ...
+    margin: float = 0.02  # ... minus this margin
+    min_prob: float = 0.5
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -71,6 +92,9 @@ class RunConfig:
     output: OutputConfig = field(default_factory=OutputConfig)
     method: str = "lora"  # "full" (all parameters) or a registered adapter method
     adapter: dict[str, Any] = field(default_factory=dict)  # that method's parameters
+    # Multi-task: several adapters trained at once, each on its own data, in shared mixed batches.
+    adapters: dict[str, TaskConfig] = field(default_factory=dict)
+    router: RouterConfig = field(default_factory=RouterConfig)
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -120,7 +144,19 @@ def validate_run_config(cfg: RunConfig) -> None:
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}")
-    if cfg.method == "full":
+    if cfg.adapters:
+        if cfg.adapter:
+            raise ConfigError("a run has either one adapter (method + adapter) or several (adapters: {name: "
+                              "{method, adapter, train, ...}}); move the top-level 'adapter' keys into each entry")
+        for name, task in cfg.adapters.items():
+            if task.method == "full":
+                raise ConfigError(f"adapters.{name}.method=full: a multi-task run trains adapters on a frozen base")
+            registry.get_method(task.method).parse_config(task.adapter)
+            if not task.train:
+                raise ConfigError(f"adapters.{name}.train is not set: give each adapter its training file")
+            if task.rows < 0:
+                raise ConfigError(f"adapters.{name}.rows must be >= 0")
+    elif cfg.method == "full":
         if cfg.adapter:
             raise ConfigError("method=full trains every parameter: remove the 'adapter' section")
     else:

@@ -29,9 +29,19 @@ def normalise_answer(text: str) -> str:
 
 
 def loss_and_perplexity(model: nn.Module, tokenizer, examples: list[Example], max_length: int = 512,
-                        batch_size: int = 8, train_on: str = "responses") -> dict:
+                        batch_size: int = 8, train_on: str = "responses",
+                        adapter_names: list[str | None] | None = None) -> dict:
+    """Mean loss per supervised token and perplexity; `adapter_names` gives each example its own
+    adapter (None: the base), as a routed model would answer it."""
+    if adapter_names is not None and len(adapter_names) != len(examples):
+        raise ValueError(f"{len(adapter_names)} adapter names for {len(examples)} examples")
     items, stats = tokenize_dataset(tokenizer, examples, max_length, "truncate", train_on)
-    batches = [collate(items[i:i + batch_size], tokenizer.pad_token_id) for i in range(0, len(items), batch_size)]
+    batches = []
+    for i in range(0, len(items), batch_size):
+        batch = collate(items[i:i + batch_size], tokenizer.pad_token_id)
+        if adapter_names is not None:
+            batch["adapter_names"] = [adapter_names[it.source] for it in items[i:i + batch_size]]
+        batches.append(batch)
     device = next(model.parameters()).device
     loss = evaluate_loss(model, batches, CausalLMObjective(), device)
     return {"loss": loss, "perplexity": math.exp(min(loss, 50)), "examples": stats.kept,
@@ -39,19 +49,28 @@ def loss_and_perplexity(model: nn.Module, tokenizer, examples: list[Example], ma
 
 
 def exact_match(model: nn.Module, tokenizer, examples: list[Example], gen: GenerationConfig | None = None,
-                batch_size: int = 16) -> ExactMatchResult:
-    """Generate an answer to each example's prompt and compare it with its last assistant message."""
-    usable = [ex for ex in examples if ex.reference is not None]
+                batch_size: int = 16, adapter_names: list[str | None] | None = None) -> ExactMatchResult:
+    """Generate an answer to each example's prompt and compare it with its last assistant message.
+    `adapter_names` answers each example with its own adapter (None: the base), in mixed batches."""
+    if adapter_names is not None and len(adapter_names) != len(examples):
+        raise ValueError(f"{len(adapter_names)} adapter names for {len(examples)} examples")
+    keep = [i for i, ex in enumerate(examples) if ex.reference is not None]
+    usable = [examples[i] for i in keep]
     if not usable:
         raise ValueError("exact match needs examples with an assistant answer (the reference)")
+    names = [adapter_names[i] for i in keep] if adapter_names is not None else None
     gen = gen or GenerationConfig(max_new_tokens=48)
     t0 = time.perf_counter()
-    outputs = generate(model, tokenizer, [ex.prompt_messages() for ex in usable], gen, batch_size=batch_size)
+    outputs = generate(model, tokenizer, [ex.prompt_messages() for ex in usable], gen, batch_size=batch_size,
+                       adapter_names=names)
     samples = []
-    for ex, out in zip(usable, outputs):
+    for k, (ex, out) in enumerate(zip(usable, outputs)):
         ok = normalise_answer(out) == normalise_answer(ex.reference)
-        samples.append({"prompt": ex.prompt_messages()[-1]["content"], "reference": ex.reference,
-                        "generated": out, "correct": ok})
+        sample = {"prompt": ex.prompt_messages()[-1]["content"], "reference": ex.reference, "generated": out,
+                  "correct": ok}
+        if names is not None:
+            sample["adapter"] = names[k]
+        samples.append(sample)
     correct = sum(s["correct"] for s in samples)
     return ExactMatchResult(accuracy=correct / len(samples), correct=correct, total=len(samples),
                             seconds=time.perf_counter() - t0, samples=samples)

@@ -72,7 +72,15 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         inner = args[0] if args else Any
         items = [_coerce(v, inner, f"{where}[{i}]") if inner is not Any else v for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
-    return value  # Any / dict: taken as is, checked by whoever consumes it
+    if origin is dict:
+        if value is None:  # `adapter: null` (e.g. to clear it from the command line) means empty
+            return {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        _, inner = typing.get_args(tp) or (str, Any)
+        if dataclasses.is_dataclass(inner):  # e.g. adapters: {name: TaskConfig}
+            return {str(k): _coerce(v if v is not None else {}, inner, f"{where}.{k}") for k, v in value.items()}
+    return value  # Any / dict of plain values: taken as is, checked by whoever consumes it
 
 
 def from_dict(cls: type, data: dict[str, Any], where: str = "config") -> Any:

@@ -57,6 +57,12 @@ class AdapterLayer(nn.Module):
             module = module.base_layer
         return module
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base weight, read-only (as PEFT's layers expose it): code that reads
+        `model.get_input_embeddings().weight` (prompt tuning, HF's tying) still works under a wrapper."""
+        return self.base_module.weight
+
     def register_adapter(self, name: str, cfg: object) -> None:
         """Record adapter `name` (its modules already added by the subclass) and make it active."""
         self.configs[name] = cfg
@@ -228,9 +234,12 @@ def adapter_names(model: nn.Module) -> list[str]:
 
 
 def adapter_state(model: nn.Module, name: str) -> dict[str, nn.Parameter]:
-    """Full parameter names -> parameters of adapter `name` (our layout, adapter name included)."""
+    """Full parameter names -> parameters of adapter `name` (our layout, adapter name included).
+    Names are those of the adapted module whatever else wraps it ('q_proj.lora_A.x.weight', never
+    'q_proj.base_layer.lora_A.x.weight'), so saved files do not depend on which methods share a module."""
     state = {}
     for lname, layer in adapter_layers(model):
+        lname = lname.replace(".base_layer", "")
         for pname, p in layer.adapter_parameters(name):
             state[f"{lname}.{pname}" if lname else pname] = p
     return state

@@ -26,12 +26,15 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=g).tolist()
 
 
+def batch_indices(n: int, index: int, batch_size: int, seed: int) -> list[int]:
+    """Item indices of the `index`-th micro-batch of an endless stream of shuffled epochs (drop-last per epoch)."""
+    per_epoch = max(1, n // batch_size)
+    epoch, within = divmod(index, per_epoch)
+    order = epoch_order(n, seed, epoch)
+    chosen = order[within * batch_size:(within + 1) * batch_size]
+    return chosen if len(chosen) == batch_size else order[:batch_size]  # dataset smaller than a batch: all of it
+
+
 def micro_batch(items: list[Tokenized], index: int, batch_size: int, seed: int, pad_id: int) -> dict[str, torch.Tensor]:
     """The `index`-th micro-batch of an endless stream of shuffled epochs (drop-last per epoch)."""
-    per_epoch = max(1, len(items) // batch_size)
-    epoch, within = divmod(index, per_epoch)
-    order = epoch_order(len(items), seed, epoch)
-    chosen = order[within * batch_size:(within + 1) * batch_size]
-    if len(chosen) < batch_size:  # dataset smaller than a batch: take what there is
-        chosen = order[:batch_size]
-    return collate([items[i] for i in chosen], pad_id)
+    return collate([items[i] for i in batch_indices(len(items), index, batch_size, seed)], pad_id)

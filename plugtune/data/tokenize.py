@@ -13,6 +13,7 @@ IGNORE_INDEX = -100
 class Tokenized:
     input_ids: list[int]
     labels: list[int]
+    source: int = -1  # index of the example it came from (tokenize_dataset sets it)
 
 
 @dataclass
@@ -52,14 +53,15 @@ def tokenize_dataset(tokenizer, examples: list[Example], max_length: int, overfl
                      train_on: str = "responses") -> tuple[list[Tokenized], TokenizeStats]:
     stats = TokenizeStats(examples=len(examples))
     out = []
-    for ex in examples:
+    for index, ex in enumerate(examples):
         tok = tokenize_example(tokenizer, ex, train_on)
+        tok.source = index
         stats.max_tokens = max(stats.max_tokens, len(tok.input_ids))
         if len(tok.input_ids) > max_length:
             if overflow == "drop":
                 stats.dropped_too_long += 1
                 continue
-            tok = Tokenized(tok.input_ids[:max_length], tok.labels[:max_length])
+            tok = Tokenized(tok.input_ids[:max_length], tok.labels[:max_length], index)
             stats.truncated += 1
         # Label at position t is predicted from position t-1, so the first token never counts.
         n_supervised = sum(1 for lab in tok.labels[1:] if lab != IGNORE_INDEX)

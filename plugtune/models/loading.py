@@ -58,16 +58,23 @@ class LoadedModel:
     name: str
 
 
+def load_tokenizer(name_or_path: str | Path):
+    from transformers import AutoTokenizer
+
+    path = resolve_model_dir(str(name_or_path))
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token_id is None:
+        # Padding positions are masked by attention_mask and -100 labels, so any id works here.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def load_base(name: str, dtype: str = "auto", device: str = "auto") -> LoadedModel:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a sub-second weight load needs no progress bar
     path = resolve_model_dir(name)
     dev = pick_device(device)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=pick_dtype(dtype, dev)).to(dev)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token_id is None:
-        # Padding positions are masked by attention_mask and -100 labels, so any id works here.
-        tokenizer.pad_token = tokenizer.eos_token
-    return LoadedModel(model=model, tokenizer=tokenizer, path=path, name=name)
+    return LoadedModel(model=model, tokenizer=load_tokenizer(path), path=path, name=name)

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from plugtune.adapters.mixed import mixed_adapters
 from plugtune.data.tokenize import IGNORE_INDEX
 from plugtune.models.causal_lm import hidden_states, lm_head
 
@@ -39,7 +40,11 @@ class CausalLMObjective:
         return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
     def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
-        hidden = hidden_states(model, batch["input_ids"], batch["attention_mask"])  # (B, T, C)
+        if batch.get("adapter_names") is not None:  # one adapter per row (e.g. routed evaluation)
+            with mixed_adapters(model, batch["adapter_names"]):
+                hidden = hidden_states(model, batch["input_ids"], batch["attention_mask"])  # (B, T, C)
+        else:
+            hidden = hidden_states(model, batch["input_ids"], batch["attention_mask"])
         targets = batch["labels"][:, 1:]  # (B, T-1): token t+1 is predicted at position t
         keep = targets != IGNORE_INDEX
         logits = lm_head(model)(hidden[:, :-1][keep])  # (N, V), N = supervised tokens
