@@ -85,6 +85,69 @@ class RouterConfig:
 
 
 @dataclass
+class RewardConfig:
+    """Reward model: a scalar head on the last non-padding token, Bradley-Terry loss."""
+
+    center_rewards_coefficient: float = 0.0  # TRL's reward centring: + c * (r_c + r_r)^2 (Eisenstein et al. 2023)
+    head_init_std: float = 0.0  # 0: 1/sqrt(hidden + 1), as TRL initialises its score head
+
+
+@dataclass
+class DPOConfig:
+    """The DPO family on preference pairs."""
+
+    loss: str = "sigmoid"  # sigmoid (DPO) | cdpo | ipo | simpo | orpo
+    beta: float = 0.1
+    label_smoothing: float = 0.0  # cdpo's epsilon
+    simpo_gamma: float = 0.5  # SimPO's target margin (the paper's gamma)
+    orpo_lambda: float = 0.1
+    precompute_ref: bool = False  # compute the reference log-probs once before training and cache them
+    max_prompt_length: int = 0  # 0: no separate prompt limit
+
+
+@dataclass
+class RolloutConfig:
+    """What PPO and GRPO generate and how it is scored."""
+
+    prompts_per_step: int = 8  # prompts in one rollout batch
+    samples_per_prompt: int = 1  # completions per prompt (GRPO's group size G; PPO usually 1)
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    epochs: int = 1  # optimisation passes over each rollout batch (PPO epochs / GRPO iterations)
+    minibatches: int = 1  # optimizer steps per pass
+    reward_functions: list[str] = field(default_factory=list)  # registered names or "module:function"
+    reward_model: str = ""  # a reward model directory (plugtune train objective=reward)
+    missing_eos_penalty: float = 0.0  # subtracted from the score of a completion that never ended
+
+
+@dataclass
+class PPOConfig:
+    kl_coef: float = 0.05  # beta of the per-token KL penalty (InstructGPT eq. 2)
+    kl_estimator: str = "k1"  # k1 | k3
+    adaptive_kl: bool = False  # Ziegler et al. 2019's controller towards kl_target
+    kl_target: float = 6.0
+    kl_horizon: int = 10000
+    gamma: float = 1.0
+    lam: float = 0.95
+    clip_range: float = 0.2
+    value_clip: float = 0.2
+    vf_coef: float = 0.1
+    whiten_advantages: bool = True
+    value_lr_scale: float = 1.0  # the value head's learning rate, as a multiple of training.lr
+
+
+@dataclass
+class GRPOConfig:
+    beta: float = 0.0  # KL (k3) to the reference; 0 skips the reference pass
+    clip_low: float = 0.2
+    clip_high: float = 0.2  # DAPO's clip-higher: e.g. 0.28
+    scale_rewards: bool = True  # False: Dr. GRPO (no division by the group's std)
+    loss_aggregation: str = "sequence_mean"  # sequence_mean (GRPO) | token_mean (DAPO) | constant_normaliser (Dr. GRPO)
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -95,6 +158,13 @@ class RunConfig:
     # Multi-task: several adapters trained at once, each on its own data, in shared mixed batches.
     adapters: dict[str, TaskConfig] = field(default_factory=dict)
     router: RouterConfig = field(default_factory=RouterConfig)
+    # What is optimised: sft (next-token loss on data.train) | reward | dpo | ppo | grpo.
+    objective: str = "sft"
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -140,10 +210,28 @@ def validate_run_config(cfg: RunConfig) -> None:
         "training.schedule": (cfg.training.schedule, ("cosine", "linear", "constant")),
         "model.dtype": (cfg.model.dtype, ("auto", "float32", "bfloat16")),
         "training.on_nonfinite": (cfg.training.on_nonfinite, ("stop", "skip")),
+        "objective": (cfg.objective, ("sft", "reward", "dpo", "ppo", "grpo")),
+        "dpo.loss": (cfg.dpo.loss, ("sigmoid", "cdpo", "ipo", "simpo", "orpo")),
+        "ppo.kl_estimator": (cfg.ppo.kl_estimator, ("k1", "k3")),
+        "grpo.loss_aggregation": (cfg.grpo.loss_aggregation, ("sequence_mean", "token_mean", "constant_normaliser")),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}")
+    if cfg.adapters and cfg.objective != "sft":
+        raise ConfigError(f"objective={cfg.objective} trains one model or adapter; multi-task runs (adapters:) are SFT only")
+    if cfg.objective in ("ppo", "grpo"):
+        r = cfg.rollout
+        if not r.reward_functions and not r.reward_model:
+            raise ConfigError(f"objective={cfg.objective} needs a reward: set rollout.reward_functions (e.g. "
+                              "[instructions]) or rollout.reward_model (a directory from objective=reward)")
+        if cfg.objective == "grpo" and r.samples_per_prompt < 2:
+            raise ConfigError("GRPO compares samples of the same prompt: set rollout.samples_per_prompt >= 2")
+        if min(r.prompts_per_step, r.max_new_tokens, r.epochs, r.minibatches) < 1:
+            raise ConfigError("rollout.prompts_per_step, max_new_tokens, epochs and minibatches must be >= 1")
+        if (r.prompts_per_step * r.samples_per_prompt) % r.minibatches:
+            raise ConfigError(f"rollout.minibatches={r.minibatches} must divide the rollout batch "
+                              f"({r.prompts_per_step} prompts x {r.samples_per_prompt} samples)")
     if cfg.adapters:
         if cfg.adapter:
             raise ConfigError("a run has either one adapter (method + adapter) or several (adapters: {name: "

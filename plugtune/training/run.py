@@ -5,10 +5,11 @@ plain transformers loads.
 """
 from __future__ import annotations
 
+import importlib
 import json
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 import yaml
@@ -17,8 +18,9 @@ from plugtune.adapters import attach_adapter, save_adapter
 from plugtune.config import RunConfig, to_dict
 from plugtune.data import load_examples, micro_batch, tokenize_dataset
 from plugtune.data.batching import collate
-from plugtune.models.loading import LoadedModel, autocast_dtype, load_base
-from plugtune.training.loop import FitResult, IndexedBatches, fit
+from plugtune.models.loading import LoadedModel, autocast_dtype, load_base, load_tokenizer
+from plugtune.training.loop import BatchSource, FitResult, IndexedBatches, ParamGroup, fit
+from plugtune.training.objectives import Objective
 
 
 @dataclass
@@ -48,7 +50,36 @@ def prepare_model(cfg: RunConfig, loaded: LoadedModel | None = None) -> LoadedMo
     return loaded
 
 
-def _single_task_data(cfg: RunConfig, tok) -> tuple[IndexedBatches, list | None, str]:
+@dataclass
+class Setup:
+    """Everything the loop needs for one objective, and how to write the result."""
+
+    loaded: LoadedModel
+    source: BatchSource
+    save: Callable[[Path], Path]  # writes the artifact under the output dir, returns its path
+    objective: Objective | None = None  # None: next-token loss
+    groups: list[ParamGroup] | None = None
+    eval_batches: list | None = None
+    summary: str = ""
+
+
+# Objectives beyond SFT live in their own modules, each with `prepare(cfg, loaded) -> Setup`.
+_OBJECTIVE_MODULES = {"reward": "plugtune.training.reward", "dpo": "plugtune.training.dpo",
+                      "ppo": "plugtune.training.ppo", "grpo": "plugtune.training.grpo"}
+
+
+def save_policy(cfg: RunConfig, loaded: LoadedModel, out: Path, name: str = "default") -> Path:
+    """The trained weights: an adapter directory (PEFT format), or a full model directory."""
+    if cfg.method == "full":
+        artifact = out / "model"
+        loaded.model.save_pretrained(artifact, safe_serialization=True)
+        loaded.tokenizer.save_pretrained(artifact)
+        return artifact
+    return save_adapter(loaded.model, out / "adapter", name, base_name=cfg.model.name)
+
+
+def _prepare_sft(cfg: RunConfig, loaded: LoadedModel | None) -> Setup:
+    tok = loaded.tokenizer if loaded is not None else load_tokenizer(cfg.model.name)
     train_examples = load_examples(cfg.data.train, cfg.data.format, cfg.data.system_prompt)
     train_items, stats = tokenize_dataset(tok, train_examples, cfg.data.max_length, cfg.data.overflow, cfg.data.train_on)
     print(f"[plugtune] train data: {stats.summary()}")
@@ -67,57 +98,52 @@ def _single_task_data(cfg: RunConfig, tok) -> tuple[IndexedBatches, list | None,
     t = cfg.training
     source = IndexedBatches(lambda i: micro_batch(train_items, i, t.batch_size, t.seed, tok.pad_token_id),
                             len(train_items), t.batch_size, t.grad_accum)
-    return source, eval_batches, stats.summary()
+    torch.manual_seed(cfg.training.seed)  # adapter initialisation is part of the run's randomness
+    loaded = prepare_model(cfg, loaded)  # after the data: bad data fails before the model loads
+    return Setup(loaded, source, lambda out: save_policy(cfg, loaded, out), eval_batches=eval_batches,
+                 summary=stats.summary())
+
+
+def _prepare_multitask(cfg: RunConfig, loaded: LoadedModel | None) -> Setup:
+    from plugtune.training import multitask
+
+    loaded = loaded or load_base(cfg.model.name, cfg.model.dtype, cfg.model.device)
+    tasks, eval_batches, prompts, notes = multitask.load_tasks(cfg, loaded.tokenizer)
+    print("[plugtune] train data: " + "; ".join(notes))
+    torch.manual_seed(cfg.training.seed)
+    groups = multitask.attach_tasks(loaded.model, cfg)
+    source = multitask.MixedTaskBatches(tasks, cfg.training.grad_accum, loaded.tokenizer.pad_token_id)
+    return Setup(loaded, source, lambda out: multitask.save_tasks(loaded.model, loaded.tokenizer, cfg, out, prompts),
+                 multitask.MultiTaskLMObjective(), groups, eval_batches, "; ".join(notes))
 
 
 def train(cfg: RunConfig, loaded: LoadedModel | None = None) -> TrainReport:
-    """One adapter (or full fine-tuning) on data.train, or, with an `adapters:` section, several
-    adapters at once in shared mixed batches (training/multitask.py)."""
+    """Train what `cfg` says: one adapter (or full fine-tuning) with next-token loss on data.train;
+    several adapters at once in shared mixed batches (an `adapters:` section); or a reward model,
+    the DPO family, PPO or GRPO (`objective:`). One loop runs them all."""
     if not cfg.data.train and not cfg.adapters:
-        raise ValueError("data.train is not set: pass a JSONL/JSON file (e.g. data.train=my_data.jsonl)")
+        raise ValueError("data.train is not set: pass a data file (e.g. data.train=my_data.jsonl)")
     out = Path(cfg.output.dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    groups, objective = None, None
     if cfg.adapters:
-        from plugtune.training import multitask
-
-        loaded = loaded or load_base(cfg.model.name, cfg.model.dtype, cfg.model.device)
-        # Read (and so validate) the data before spending time on the adapters.
-        tasks, eval_batches, prompts, notes = multitask.load_tasks(cfg, loaded.tokenizer)
-        print("[plugtune] train data: " + "; ".join(notes))
-        torch.manual_seed(cfg.training.seed)  # adapter initialisation is part of the run's randomness
-        groups = multitask.attach_tasks(loaded.model, cfg)
-        source = multitask.MixedTaskBatches(tasks, cfg.training.grad_accum, loaded.tokenizer.pad_token_id)
-        objective, summary = multitask.MultiTaskLMObjective(), "; ".join(notes)
+        setup = _prepare_multitask(cfg, loaded)
+    elif cfg.objective == "sft":
+        setup = _prepare_sft(cfg, loaded)
     else:
-        if loaded is not None:
-            tok = loaded.tokenizer
-        else:
-            from plugtune.models.loading import load_tokenizer
-
-            tok = load_tokenizer(cfg.model.name)
-        source, eval_batches, summary = _single_task_data(cfg, tok)  # validates the data before the model loads
-        torch.manual_seed(cfg.training.seed)
-        loaded = prepare_model(cfg, loaded)
-    model, tok = loaded.model, loaded.tokenizer
+        setup = importlib.import_module(_OBJECTIVE_MODULES[cfg.objective]).prepare(cfg, loaded)
+    model = setup.loaded.model
     device = next(model.parameters()).device
-    result: FitResult = fit(model, source, cfg.training, out, objective=objective, eval_batches=eval_batches,
-                            device=device, amp=autocast_dtype(cfg.model.dtype, device), resume=cfg.output.resume,
-                            groups=groups)
-    if cfg.adapters:
-        artifact = multitask.save_tasks(model, tok, cfg, out, prompts)
-    elif cfg.method == "full":
-        artifact = out / "model"
-        model.save_pretrained(artifact, safe_serialization=True)
-        tok.save_pretrained(artifact)
-    else:
-        artifact = save_adapter(model, out / "adapter", "default", base_name=cfg.model.name)
+    result: FitResult = fit(model, setup.source, cfg.training, out, objective=setup.objective,
+                            eval_batches=setup.eval_batches, device=device,
+                            amp=autocast_dtype(cfg.model.dtype, device), resume=cfg.output.resume, groups=setup.groups)
+    artifact = setup.save(out)
+    method = "multitask" if cfg.adapters else cfg.method if cfg.objective == "sft" else f"{cfg.objective} ({cfg.method})"
     report = TrainReport(
-        out_dir=str(out), artifact=str(artifact), method="multitask" if cfg.adapters else cfg.method,
+        out_dir=str(out), artifact=str(artifact), method=method,
         steps=result.steps, train_loss=result.train_loss, eval_loss=result.eval_loss,
         train_seconds=result.train_seconds, tokens_per_second=result.tokens / max(result.train_seconds, 1e-9),
         trainable_params=result.trainable_params, total_params=result.total_params,
-        peak_memory_mb=result.peak_memory_mb, data=summary, eval_metrics=result.eval_metrics)
+        peak_memory_mb=result.peak_memory_mb, data=setup.summary, eval_metrics=result.eval_metrics)
     (out / "train_report.json").write_text(json.dumps(asdict(report), indent=2))
     return report
