@@ -48,14 +48,16 @@ def _sample(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Genera
 
 @torch.no_grad()
 def generate_ids(model: nn.Module, prompts: list[list[int]], stop_ids: list[int], pad_id: int,
-                 cfg: GenerationConfig | None = None, adapter_names: list[str | None] | None = None) -> list[list[int]]:
-    """Continue each prompt (token ids); returns the new tokens per prompt, end token excluded.
+                 cfg: GenerationConfig | None = None, adapter_names: list[str | None] | None = None,
+                 include_stop: bool = False) -> list[list[int]]:
+    """Continue each prompt (token ids); returns the new tokens per prompt, the end token excluded
+    unless `include_stop` (RL keeps it: ending is an action the policy learns).
     With `adapter_names`, row i decodes with adapter adapter_names[i] (None: the base)."""
     if adapter_names is not None:
         if len(adapter_names) != len(prompts):
             raise ValueError(f"{len(adapter_names)} adapter names for {len(prompts)} prompts; give one per prompt")
         with mixed_adapters(model, adapter_names):
-            return generate_ids(model, prompts, stop_ids, pad_id, cfg)
+            return generate_ids(model, prompts, stop_ids, pad_id, cfg, include_stop=include_stop)
     from transformers import DynamicCache
 
     cfg = cfg or GenerationConfig()
@@ -93,7 +95,7 @@ def generate_ids(model: nn.Module, prompts: list[list[int]], stop_ids: list[int]
         nxt = torch.where(finished, torch.full_like(nxt, pad_id), nxt)
         for row in torch.nonzero(~finished).flatten().tolist():
             tok = int(nxt[row])
-            if tok not in stop_ids:
+            if include_stop or tok not in stop_ids:
                 out[row].append(tok)
         finished |= torch.isin(nxt, stop)
         if bool(finished.all()):

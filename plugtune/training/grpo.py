@@ -1,0 +1,70 @@
+"""GRPO (Shao et al. 2024, DeepSeekMath, sec. 4.1) and its variants, on the one loop.
+
+Per rollout batch: G completions per prompt, scored; advantages are the group-normalised scores
+A_i = (r_i - mean(r)) / std(r) (eq. 3 with outcome supervision), or only centred (Dr. GRPO,
+Liu et al. 2025: `grpo.scale_rewards: false`). Per step: the clipped surrogate (eq. 3) with
+separate lower/upper clip ranges (DAPO's clip-higher, Yu et al. 2025, eq. 10), plus beta x the k3
+KL estimate to the reference when beta > 0, aggregated over tokens as GRPO (mean per sequence,
+then over sequences), DAPO (token mean, eq. 12) or Dr. GRPO (a constant normaliser) do.
+
+With one optimisation pass per rollout the ratio is exactly 1 and old log-probs are not needed
+(the policy's own, detached); with several (`rollout.epochs` x `rollout.minibatches` > 1) they are
+computed once per rollout.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from plugtune.config import GRPOConfig, RunConfig
+from plugtune.training.logprobs import token_logps
+from plugtune.training.losses import group_advantages, kl_k3, ppo_clip_loss, sum_and_units
+from plugtune.training.reference import Reference
+from plugtune.training.rollouts import prepare_rl
+
+
+class GRPOObjective:
+    def __init__(self, cfg: GRPOConfig, reference: Reference, group_size: int, max_new_tokens: int,
+                 temperature: float, reuses_rollouts: bool):
+        self.cfg, self.reference, self.group_size = cfg, reference, group_size
+        self.max_new_tokens, self.temperature, self.reuses_rollouts = max_new_tokens, temperature, reuses_rollouts
+
+    @torch.no_grad()
+    def prepare_rollout(self, model: nn.Module, batch: dict) -> dict:
+        extra = {"advantages": group_advantages(batch["scores"], self.group_size, self.cfg.scale_rewards)}
+        if self.reuses_rollouts:
+            extra["old_logps"] = token_logps(model, batch, self.temperature).per_token
+        if self.cfg.beta > 0:
+            extra["ref_logps"] = self.reference.logps(model, batch, self.temperature).per_token
+        return extra
+
+    def units(self, batch: dict) -> int:
+        """What sum_and_units divides by, for this aggregation (known before the forward pass)."""
+        mask = batch["labels"][:, 1:] != -100
+        return {"sequence_mean": mask.shape[0], "token_mean": int(mask.sum()),
+                "constant_normaliser": mask.shape[0] * self.max_new_tokens}[self.cfg.loss_aggregation]
+
+    def __call__(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
+        lp = token_logps(model, batch, self.temperature)
+        mask = lp.mask
+        old = batch.get("old_logps", lp.per_token.detach())
+        per_token, metrics = ppo_clip_loss(lp.per_token, old, batch["advantages"], mask, self.cfg.clip_low,
+                                           self.cfg.clip_high)
+        if self.cfg.beta > 0:
+            kl = kl_k3(lp.per_token, batch["ref_logps"]) * mask
+            per_token = per_token + self.cfg.beta * kl
+            metrics["kl_to_ref"] = kl.sum() / mask.sum().clamp(min=1)
+        loss_sum, _ = sum_and_units(per_token, mask, self.cfg.loss_aggregation, self.max_new_tokens)
+        metrics["reward"] = batch["scores"].mean()
+        metrics.update({k: v for k, v in batch.items() if k.startswith("rollout/")})
+        return loss_sum, metrics
+
+
+def prepare(cfg: RunConfig, loaded=None):
+    r = cfg.rollout
+
+    def make(model: nn.Module, reference: Reference):
+        return GRPOObjective(cfg.grpo, reference, r.samples_per_prompt, r.max_new_tokens, r.temperature,
+                             reuses_rollouts=r.epochs * r.minibatches > 1), []
+
+    return prepare_rl(cfg, loaded, make)

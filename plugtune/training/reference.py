@@ -1,0 +1,31 @@
+"""The reference policy of DPO, PPO and GRPO.
+
+Training adapters, the reference is the same network with its adapters switched off
+(`adapters_disabled`): no second copy of the base. Fine-tuning every weight, it is a frozen copy
+of the model taken before training starts.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from plugtune.adapters.layers import adapters_disabled
+from plugtune.training.logprobs import TokenLogps, token_logps
+
+
+class Reference:
+    def __init__(self, model: nn.Module, full_finetune: bool):
+        self.frozen: nn.Module | None = None
+        if full_finetune:
+            self.frozen = copy.deepcopy(model).eval()
+            for p in self.frozen.parameters():
+                p.requires_grad_(False)
+
+    @torch.no_grad()
+    def logps(self, model: nn.Module, batch: dict, temperature: float = 1.0) -> TokenLogps:
+        if self.frozen is not None:
+            return token_logps(self.frozen, batch, temperature)
+        with adapters_disabled(model):
+            return token_logps(model, batch, temperature)
