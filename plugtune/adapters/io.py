@@ -16,7 +16,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from plugtune.adapters.layers import adapter_layers, adapter_names, adapter_state, base_parameters, mark_trainable
+from plugtune.adapters.layers import (adapter_layers, adapter_names, adapter_state, base_parameters, mark_trainable,
+                                      remove_adapter)
 from plugtune.adapters.registry import AdapterMethod, available_methods, get_method, method_from_saved
 from plugtune.adapters.modules_to_save import attach_modules_to_save, remove_modules_to_save
 
@@ -54,6 +55,9 @@ def attach_adapter(model: nn.Module, method: str | AdapterMethod, cfg: Any = Non
         layer.train(model.training)
     if trainable:
         mark_trainable(model, name)
+    else:  # loaded for inference (or as a frozen part of another run, e.g. PPO's reward adapter)
+        for p in adapter_state(model, name).values():
+            p.requires_grad_(False)
     return wrapped
 
 
@@ -169,11 +173,21 @@ def load_adapter(model: nn.Module, path: str | Path, name: str = "default", forc
     saved = read_adapter_config(path)
     check_base(model, path, force)
     method, cfg = method_from_saved(saved)
-    attach_adapter(model, method, cfg, name=name, trainable=trainable)
     weights_file = path / WEIGHTS_FILE
     if not weights_file.is_file():
         raise FileNotFoundError(f"{weights_file} is missing")
     saved_state = load_file(str(weights_file))
+    attach_adapter(model, method, cfg, name=name, trainable=trainable)
+    try:
+        _copy_saved_weights(model, method, name, saved_state, weights_file)
+    except Exception:
+        remove_adapter(model, name)  # a failed load leaves no half-loaded adapter behind
+        raise
+    return model
+
+
+def _copy_saved_weights(model: nn.Module, method: AdapterMethod, name: str, saved_state: dict,
+                        weights_file: Path) -> None:
     ours = adapter_state(model, name)
     if method.load_state is not None:
         saved_state = method.load_state(model, name, saved_state)
@@ -194,7 +208,6 @@ def load_adapter(model: nn.Module, path: str | Path, name: str = "default", forc
                 raise AdapterMismatchError(f"{saved_key}: shape {tuple(value.shape)} in the file, "
                                            f"{tuple(param.shape)} expected by this model")
             param.copy_(value.to(param.dtype))
-    return model
 
 
 def _take_saved_base_weights(model: nn.Module, saved_state: dict, adapter_keys: set[str]) -> None:

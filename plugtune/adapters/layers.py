@@ -122,6 +122,16 @@ class AdapterLayer(nn.Module):
     def merge(self, name: str) -> None:
         if name in self.merged:
             return
+        self.check_inner_merged(name)
+        weight = self.base_module.weight
+        if not self.merged:
+            self._original_weight = weight.data.clone()
+        weight.data = self.merged_weight(name, weight.data).to(weight.dtype)
+        self.merged.append(name)
+
+    def check_inner_merged(self, name: str) -> None:
+        """Refuse to merge `name` while an inner wrapper on the same module still applies adapters
+        in forward (they act before this one, so folding this one first would change the result)."""
         inner = self.base_layer
         while isinstance(inner, AdapterLayer):
             if inner.live_adapters():
@@ -129,11 +139,6 @@ class AdapterLayer(nn.Module):
                                    f"{type(inner).__name__} on the same module are live and unmerged; merge "
                                    "or deactivate them first (merging applies inner adapters first)")
             inner = inner.base_layer
-        weight = self.base_module.weight
-        if not self.merged:
-            self._original_weight = weight.data.clone()
-        weight.data = self.merged_weight(name, weight.data).to(weight.dtype)
-        self.merged.append(name)
 
     def unmerge(self) -> None:
         """Restore the base weight bit for bit (from the kept copy; no in-place subtraction)."""

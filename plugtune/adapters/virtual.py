@@ -11,6 +11,7 @@ virtual positions from the returned logits, so they line up with input_ids, as i
 """
 from __future__ import annotations
 
+import inspect
 import weakref
 
 import torch
@@ -21,15 +22,16 @@ from plugtune.models.causal_lm import cache_kwarg, inputs_are_prepared, prepare_
 
 
 class _CallHooks:
-    """The two hooks registered on one model, and the virtual-position counts of calls in flight."""
+    """The two hooks registered on one model."""
 
     def __init__(self, model: nn.Module):
-        self.pending: list[int] = []
         self.handles = [model.register_forward_pre_hook(_apply_on_plain_call, with_kwargs=True),
                         model.register_forward_hook(_trim_virtual_positions, with_kwargs=True)]
 
 
 _HOOKED: "weakref.WeakKeyDictionary[nn.Module, _CallHooks]" = weakref.WeakKeyDictionary()
+# Virtual-position counts of calls in flight, per model (a deep copy carries the hooks, so it gets its own).
+_PENDING: "weakref.WeakKeyDictionary[nn.Module, list[int]]" = weakref.WeakKeyDictionary()
 
 
 class VirtualTokenEncoder(AdapterLayer):
@@ -83,15 +85,20 @@ def _live_encoders(model: nn.Module) -> bool:
 
 
 def _apply_on_plain_call(model: nn.Module, args: tuple, kwargs: dict):
+    pending = _PENDING.setdefault(model, [])
+    pending.clear()  # a previous call that raised never reached the forward hook
     if inputs_are_prepared() or not _live_encoders(model):
         return None
-    kwargs = dict(kwargs)
-    input_ids = kwargs.pop("input_ids", args[0] if args else None)
+    # model(input_ids, attention_mask, ...) positionally: name the arguments as forward does.
+    kwargs = {**dict(zip(inspect.signature(model.forward).parameters, args)), **kwargs}
+    input_ids = kwargs.pop("input_ids", None)
     if input_ids is None:
         raise ValueError("a prompt/prefix-tuning adapter is active: call the model with input_ids (not "
                          "inputs_embeds) so the virtual tokens can be added, or disable the adapter")
     key = cache_kwarg(model)
-    cache = kwargs.pop(key, None) or kwargs.pop("past_key_values", None)
+    cache = kwargs.pop(key, None)
+    if cache is None:  # not `or`: an empty cache is falsy
+        cache = kwargs.pop("past_key_values", None)
     if cache is not None and cache.get_seq_length() > 0:
         raise ValueError("a prompt/prefix-tuning adapter is active and the model was called to continue a KV "
                          "cache (e.g. by transformers' generate()): use plugtune.generate, which adds the "
@@ -101,15 +108,15 @@ def _apply_on_plain_call(model: nn.Module, args: tuple, kwargs: dict):
     labels = kwargs.get("labels")
     if labels is not None and virtual:
         kwargs["labels"] = torch.cat([labels.new_full((labels.shape[0], virtual), -100), labels], dim=1)
-    _HOOKED[model].pending[:] = [virtual]  # read back (and cleared) by the forward hook of this same call
+    pending[:] = [virtual]  # read back (and cleared) by the forward hook of this same call
     return (), {**kwargs, **prepared}
 
 
 def _trim_virtual_positions(model: nn.Module, args: tuple, kwargs: dict, output):
-    hooks = _HOOKED.get(model)
-    if hooks is None or not hooks.pending:
+    pending = _PENDING.get(model)
+    if not pending:
         return None
-    virtual = hooks.pending.pop()
+    virtual = pending.pop()
     if virtual and getattr(output, "logits", None) is not None:
         output.logits = output.logits[:, virtual:]
     return output

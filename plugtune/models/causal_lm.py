@@ -17,8 +17,9 @@ returns, for its live adapters (empty dict when none is live, e.g. under adapter
 `prepare_inputs` turns them into backbone kwargs. The attention mask is laid out
 [prefix | prompt | tokens], virtual columns all 1. Virtual tokens take the first positions, so
 the first real token sits at position n_prefix + n_prompt, as in PEFT (generation derives the
-positions from this mask; hidden_states leaves them to the model, the same for unpadded rows,
-except when a prompt mask pads some rows' prompts: then position_ids come from the mask too).
+positions from this mask; with a soft prompt and any padding, `prepare_inputs` derives them from
+the mask too, so a row's soft prompt sits right before its first token whatever the padding and
+whatever the other rows' prompts are: the positions the row has alone, unpadded).
 
 Calls that went through `prepare_inputs` run inside `inputs_prepared()`, so the hooks that make
 a plain `model(...)` call apply virtual inputs (adapters/virtual.py) know not to apply them twice.
@@ -133,7 +134,9 @@ def prepare_inputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
         n_prefix = sum(p[0][0].shape[2] for p in prefixes)
     ones = attention_mask.new_ones(batch, n_prefix)
     kwargs["attention_mask"] = torch.cat([ones, virtual_mask, attention_mask], dim=1)  # (B, n_prefix + n_prompt + T)
-    if not bool(virtual_mask.all()):  # rows whose prompts are padded: positions from the mask
+    # Padded rows (left padding, or shorter prompts in a mixed batch): positions from the mask, else the
+    # pads would sit between a row's prompt and its tokens, and a row's answer would depend on the others.
+    if prompts and not bool(kwargs["attention_mask"].all()):
         kwargs["position_ids"] = (kwargs["attention_mask"].cumsum(-1) - 1).clamp(min=0)[:, n_prefix:]
     return kwargs, virtual
 

@@ -114,6 +114,8 @@ class IA3Linear(AdapterLayer):
     def merge(self, name: str) -> None:
         """An output scale also scales the bias: (W x + b) * l = (l W) x + l b."""
         bias = getattr(self.base_module, "bias", None)
+        if name not in self.merged:
+            self.check_inner_merged(name)  # before touching the bias: a refused merge changes nothing
         if name not in self.merged and not self.is_feedforward[name] and bias is not None:
             if self._original_bias is None:
                 self._original_bias = bias.data.clone()

@@ -104,7 +104,7 @@ class PrefixEncoder(VirtualTokenEncoder):
                 for i in range(cfg.num_layers)]
 
     def virtual_inputs(self, batch_size: int) -> dict:
-        live = self.live_adapters()
+        live = self.live_adapters() if self.row_plan is None else []  # per-row batches: no row can have a prefix
         if not live:
             return {}
         per_adapter = [self.layer_kv(n, batch_size) for n in live]
