@@ -6,13 +6,23 @@ from plugtune.config import ConfigError, load_run_config, shipped_configs
 
 @pytest.mark.parametrize("name", shipped_configs())
 def test_every_shipped_config_loads(name):
+    """Every shipped config parses, its adapter settings are valid, and its data files read."""
     from plugtune.adapters.registry import get_method
     from plugtune.data import load_examples
+    from plugtune.data.formats import read_records
+    from plugtune.data.preference import load_preferences
 
     cfg = load_run_config(name)
+    if cfg.adapters:  # multi-task: each adapter has its own method and data
+        for task in cfg.adapters.values():
+            get_method(task.method).parse_config(task.adapter)
+            assert load_examples(task.train)
+        return
     if cfg.method != "full":
         get_method(cfg.method).parse_config(cfg.adapter)
-    assert load_examples(cfg.data.train) and (not cfg.data.eval or load_examples(cfg.data.eval))
+    load = {"reward": load_preferences, "dpo": load_preferences,  # pairs, not examples
+            "ppo": read_records, "grpo": read_records}.get(cfg.objective, load_examples)  # prompts
+    assert load(cfg.data.train) and (not cfg.data.eval or load(cfg.data.eval))
 
 
 def test_shipped_configs_exist():
