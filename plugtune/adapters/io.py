@@ -194,9 +194,9 @@ def _copy_saved_weights(model: nn.Module, method: AdapterMethod, name: str, save
         expected = {k: k for k in ours}
     else:
         expected = {to_saved_key(k, name): k for k in ours}
-    _take_saved_base_weights(model, saved_state, set(expected))
+    base_copies = _saved_base_weights(model, saved_state, set(expected))
     missing = sorted(set(expected) - set(saved_state))
-    unexpected = sorted(set(saved_state) - set(expected))
+    unexpected = sorted(set(saved_state) - set(expected) - set(base_copies))
     if missing or unexpected:
         raise AdapterMismatchError(
             f"{weights_file} does not fit this model: {len(missing)} missing keys (e.g. {missing[:2]}), "
@@ -208,17 +208,20 @@ def _copy_saved_weights(model: nn.Module, method: AdapterMethod, name: str, save
                 raise AdapterMismatchError(f"{saved_key}: shape {tuple(value.shape)} in the file, "
                                            f"{tuple(param.shape)} expected by this model")
             param.copy_(value.to(param.dtype))
+        for key, ours in base_copies.items():  # only now, once everything else fits
+            value = saved_state[key]
+            if not torch.equal(ours.detach().cpu(), value.to(ours.dtype)):
+                ours.copy_(value.to(ours.dtype))
 
 
-def _take_saved_base_weights(model: nn.Module, saved_state: dict, adapter_keys: set[str]) -> None:
+def _saved_base_weights(model: nn.Module, saved_state: dict, adapter_keys: set[str]) -> dict[str, nn.Parameter]:
     """PEFT also saves the base embedding table when an embedding layer is adapted (in case the vocabulary
-    was resized). Take such a tensor if it differs from ours, as PEFT does; drop it from `saved_state`."""
+    was resized): {file key: our base parameter} for such tensors, which are taken (as PEFT does) after
+    the adapter's own tensors were checked, so a file that does not fit never changes the base."""
     params = dict(model.named_parameters())
+    found = {}
     for key in [k for k in saved_state if k not in adapter_keys and k.startswith(_PEFT_PREFIX)]:
         ours = params.get(key[len(_PEFT_PREFIX):])
-        if ours is None or ours.shape != saved_state[key].shape:
-            continue
-        value = saved_state.pop(key)
-        if not torch.equal(ours.detach().cpu(), value.to(ours.dtype)):
-            with torch.no_grad():
-                ours.copy_(value.to(ours.dtype))
+        if ours is not None and ours.shape == saved_state[key].shape:
+            found[key] = ours
+    return found

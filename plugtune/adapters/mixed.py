@@ -66,11 +66,12 @@ def check_row_adapters(model: nn.Module, names: list[str | None]) -> None:
         raise KeyError(f"no adapter named {', '.join(map(repr, unknown))} on this model "
                        f"(loaded: {', '.join(known) or 'none'}; use None for the base)")
     wanted = {n for n in names if n is not None}
+    merged = sorted({n for _, layer in adapter_layers(model) for n in layer.merged})
+    if merged:  # a merged adapter is in the base weights, so every row (base rows too) would get it
+        raise ValueError(f"adapter(s) {merged} are merged into the base weights; unmerge them (unmerge_adapters) "
+                         "before mixing adapters per row")
     for lname, layer in adapter_layers(model):
         for name in wanted & set(layer.configs):
-            if name in layer.merged:
-                raise ValueError(f"adapter '{name}' is merged into the base weights, so every row would get it; "
-                                 "unmerge it (unmerge_adapters) to mix it per row")
             reason = layer.row_refusal(name)
             if reason:
                 raise ValueError(f"adapter '{name}' cannot be mixed per row ({lname}): {reason}")

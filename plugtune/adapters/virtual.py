@@ -58,7 +58,9 @@ def encoder_of(model: nn.Module, attr: str, cls: type[VirtualTokenEncoder]) -> V
     if encoder is None:
         encoder = cls()
         model.add_module(attr, encoder)
-    if model not in _HOOKED:
+    # A deep copy of a hooked model carries the hooks already (PyTorch copies them): never add a second pair.
+    carried = any(h is _apply_on_plain_call for h in model._forward_pre_hooks.values())
+    if model not in _HOOKED and not carried:
         _HOOKED[model] = _CallHooks(model)
     return encoder
 

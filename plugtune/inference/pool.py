@@ -49,7 +49,9 @@ class LanguageModel:
     # The pool ---------------------------------------------------------------------------------
     @property
     def adapters(self) -> list[str]:
-        return adapter_names(self.model)
+        """Loaded adapters, in the order they were added."""
+        present = adapter_names(self.model)
+        return [n for n in self._sources if n in present] + [n for n in present if n not in self._sources]
 
     def info(self) -> list[AdapterInfo]:
         return [AdapterInfo(n, adapter_method_and_config(self.model, n)[0].name, self._sources.get(n),

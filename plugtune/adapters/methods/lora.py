@@ -97,6 +97,9 @@ class LoraLinear(AdapterLayer):
 
     def delete_adapter(self, name: str) -> None:
         super().delete_adapter(name)
+        self.invalidate_stack()
+
+    def invalidate_stack(self) -> None:
         self._stack_key = self._stack = None
 
     def weight_out_in(self) -> torch.Tensor:
@@ -133,7 +136,7 @@ class LoraLinear(AdapterLayer):
         groups = self.row_groups(batch)
         if not groups:
             return result
-        if len(groups) > 1 and not torch.is_grad_enabled() and not self.training:
+        if len(groups) > 1 and not torch.is_grad_enabled() and not self.training and self._stack_pays_off():
             # Punica-style: gather each row's (rank-padded) factors, two batched matmuls for all rows.
             order = tuple(self.lora_A.keys())
             a_all, b_all = self.stacked_factors(order)
@@ -148,11 +151,18 @@ class LoraLinear(AdapterLayer):
             result = result + delta if idx is None else result.index_add(0, idx, delta)
         return result
 
+    def _stack_pays_off(self) -> bool:
+        """Rank padding wastes memory and flops when ranks differ a lot (one r 64 among many r 4): then
+        the grouped path is used instead. The stack holds at most twice the adapters' own factors."""
+        ranks = [a.weight.shape[0] for a in self.lora_A.values()]
+        return (len(ranks) + 1) * max(ranks) <= 2 * sum(ranks) + 2 * max(ranks)
+
     @torch.no_grad()
     def stacked_factors(self, order: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         """A (n+1, r_max, in) and s*B (n+1, out, r_max), entry 0 all zero (rows without an adapter).
         Zero-padding the rank changes nothing: padded columns of B meet padded rows of A. Rebuilt
-        only when an adapter's weights change (their version counters) or the adapter set does."""
+        only when an adapter's weights change (their version counters or storage) or the adapter set
+        does. Writing through `p.data` bypasses the version counter: call `invalidate_stack()` then."""
         key = tuple((n, self.lora_A[n].weight._version, self.lora_B[n].weight._version,
                      self.lora_A[n].weight.data_ptr(), self.lora_B[n].weight.data_ptr()) for n in order)
         if key != self._stack_key:
