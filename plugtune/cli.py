@@ -124,6 +124,12 @@ def cmd_chat(args) -> None:
 
 
 def cmd_eval(args) -> None:
+    if args.reward_model:  # the data are preference pairs; report the reward model's pairwise accuracy
+        from plugtune.training.reward import evaluate_reward_model
+
+        print(json.dumps(evaluate_reward_model(args.reward_model, args.data, args.model, args.limit, args.max_length,
+                                               args.dtype, args.device, args.force), indent=2))
+        return
     from plugtune.data import load_examples
     from plugtune.evaluation import exact_match, loss_and_perplexity
 
@@ -146,6 +152,11 @@ def cmd_eval(args) -> None:
 
 
 def cmd_demo(args) -> None:
+    if args.align:
+        from plugtune.align_demo import run_align_demo
+
+        run_align_demo(model=args.model, out=args.out if args.out != "runs/demo" else "runs/align")
+        return
     if args.skills:
         from plugtune.skills_demo import run_skills_demo
 
@@ -216,10 +227,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--exact-match", action="store_true", help="also generate answers and score exact match")
     p.add_argument("--show", type=int, default=0, help="print N sample generations")
+    p.add_argument("--reward-model", default=None, metavar="DIR",
+                   help="a reward model (OUTPUT/reward_model): --data holds preference pairs; reports pairwise "
+                        "accuracy, mean margin and count (--model: the base of an adapter reward model)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("demo", help="before/after table: teach the default model a skill with LoRA")
     p.add_argument("--skill", default="dates")
+    p.add_argument("--align", action="store_true", help="instruction following: base vs DPO, GRPO and PPO adapters "
+                                                         "on verifiable-instruction prompts")
     p.add_argument("--skills", default=None, help="two or more skills, e.g. dates,units: train one adapter per skill "
                                                   "together, serve them in mixed batches, route automatically")
     p.add_argument("--model", default=None, help="override the demo's model (default smollm2-135m)")

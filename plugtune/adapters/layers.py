@@ -291,9 +291,13 @@ def mark_trainable(model: nn.Module, names: str | list[str]) -> int:
 
 
 def base_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Base-model parameters under their original names (wrappers' `.base_layer` removed)."""
+    """Base-model parameters under their original names (wrappers' `.base_layer` removed); neither
+    adapters nor the scalar heads a run attaches (value, reward) count as the base."""
+    from plugtune.models.heads import ScalarHead
+
     adapter_ids = {id(p) for _, layer in adapter_layers(model) for n in layer.adapter_names
                    for _, p in layer.adapter_parameters(n)}
+    adapter_ids |= {id(p) for m in model.modules() if isinstance(m, ScalarHead) for p in m.parameters()}
     return {k.replace(".base_layer", ""): p for k, p in model.named_parameters(remove_duplicate=True)
             if id(p) not in adapter_ids}
 

@@ -66,8 +66,8 @@ def make_scorer(functions: list[Callable], reward_model=None) -> Scorer:
                 raise ValueError(f"reward function {getattr(fn, '__name__', fn)} returned {values.numel()} values "
                                  f"for {len(completions)} completions")
             total += values
-        if reward_model is not None:
-            total += reward_model(batch).float().cpu()
+        if reward_model is not None:  # a training.reward.RewardModel: scores prompt + completion as rendered
+            total += reward_model.score_ids(batch["input_ids"], batch["attention_mask"]).float().cpu()
         return total
 
     return score
