@@ -250,7 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output model directory")
     p.set_defaults(func=cmd_merge)
 
-    p = sub.add_parser("adapters", help="adapter tools: info (costs of every method), combine (arithmetic)")
+    p = sub.add_parser("adapters", help="adapter tools: info (costs of every method), combine (arithmetic), "
+                                         "check (vLLM compatibility)")
     adapters_sub = p.add_subparsers(dest="adapters_command", required=True)
     p = adapters_sub.add_parser("info", help="trainable parameters, %% of the base, latency unmerged vs merged")
     p.add_argument("--model", default="smollm2-135m")
@@ -261,8 +262,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     p.set_defaults(func=cmd_adapters_info)
     from plugtune.adapters.arithmetic import add_combine_parser
+    from plugtune.serve.cli import add_check_parser, add_serve_parser
 
     add_combine_parser(adapters_sub)
+    add_check_parser(adapters_sub)
+    add_serve_parser(sub)
 
     return parser
 

@@ -2,7 +2,7 @@
 import torch
 
 from plugtune.adapters import adapter_state, attach_adapter
-from plugtune.inference.generate import GenerationConfig, _sample, generate, generate_ids
+from plugtune.inference.generate import GenerationConfig, generate, generate_ids, sample_next
 from plugtune.models.tiny import build_model
 
 
@@ -36,10 +36,10 @@ def test_cached_batched_greedy_equals_reference():
 def test_sampling_is_seeded_and_respects_top_k():
     logits = torch.tensor([[0.0, 5.0, 4.9, -1.0]])
     cfg = GenerationConfig(temperature=1.0, top_k=2, seed=0)
-    draws = {int(_sample(logits, cfg, torch.Generator().manual_seed(i))) for i in range(50)}
+    draws = {int(sample_next(logits, cfg, torch.Generator().manual_seed(i))) for i in range(50)}
     assert draws == {1, 2}
     top_p = GenerationConfig(temperature=1.0, top_p=0.3)
-    assert {int(_sample(logits, top_p, torch.Generator().manual_seed(i))) for i in range(20)} == {1}
+    assert {int(sample_next(logits, top_p, torch.Generator().manual_seed(i))) for i in range(20)} == {1}
 
 
 def test_generate_text_stops_at_end_of_turn(tokenizer):

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from plugtune.adapters.layers import adapter_layers, adapter_names
+from plugtune.adapters.layers import AdapterLayer, adapter_layers
 
 
 @dataclass(eq=False)
@@ -58,19 +58,19 @@ class RowPlan:
         return self._slots[order]
 
 
-def check_row_adapters(model: nn.Module, names: list[str | None]) -> None:
+def check_row_adapters(layers: list[tuple[str, AdapterLayer]], names: list[str | None]) -> None:
     """Raise a clear error for unknown adapters and for those that cannot run per row."""
-    known = adapter_names(model)
+    known = list(dict.fromkeys(n for _, layer in layers for n in layer.configs))
     unknown = sorted({n for n in names if n is not None and n not in known})
     if unknown:
         raise KeyError(f"no adapter named {', '.join(map(repr, unknown))} on this model "
                        f"(loaded: {', '.join(known) or 'none'}; use None for the base)")
     wanted = {n for n in names if n is not None}
-    merged = sorted({n for _, layer in adapter_layers(model) for n in layer.merged})
+    merged = sorted({n for _, layer in layers for n in layer.merged})
     if merged:  # a merged adapter is in the base weights, so every row (base rows too) would get it
         raise ValueError(f"adapter(s) {merged} are merged into the base weights; unmerge them (unmerge_adapters) "
                          "before mixing adapters per row")
-    for lname, layer in adapter_layers(model):
+    for lname, layer in layers:
         for name in wanted & set(layer.configs):
             reason = layer.row_refusal(name)
             if reason:
@@ -85,10 +85,11 @@ def mixed_adapters(model: nn.Module, names: list[str | None]):
     names = [None if n in (None, "", "__base__") else n for n in names]
     if not names:
         raise ValueError("per-row adapter names: the list is empty; give one name (or None) per row")
-    check_row_adapters(model, names)
+    named = list(adapter_layers(model))  # one walk over the modules serves the checks and the plan
+    check_row_adapters(named, names)
     device = next(model.parameters()).device
     plan = RowPlan(tuple(names), device)
-    layers = [layer for _, layer in adapter_layers(model)]
+    layers = [layer for _, layer in named]
     before = [layer.row_plan for layer in layers]
     for layer in layers:
         layer.row_plan = plan

@@ -28,7 +28,7 @@ class GenerationConfig:
     seed: int | None = None
 
 
-def _sample(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Generator | None) -> torch.Tensor:
+def sample_next(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Generator | None) -> torch.Tensor:
     """logits (B, V) -> next token ids (B,)."""
     if cfg.temperature <= 0:
         return logits.argmax(dim=-1)
@@ -91,7 +91,7 @@ def generate_ids(model: nn.Module, prompts: list[list[int]], stop_ids: list[int]
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -step_len:]
         with inputs_prepared():
             logits = model(**step, position_ids=positions, use_cache=True, **keep).logits[:, -1]  # (B, V)
-        nxt = _sample(logits, cfg, generator)
+        nxt = sample_next(logits, cfg, generator)
         nxt = torch.where(finished, torch.full_like(nxt, pad_id), nxt)
         for row in torch.nonzero(~finished).flatten().tolist():
             tok = int(nxt[row])

@@ -80,6 +80,7 @@ class LoraLinear(AdapterLayer):
         self.variants: dict[str, DoraVariant] = {}
         self._stack_key: tuple | None = None  # see stacked_factors
         self._stack: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._stack_plan = None  # the row plan the stack was last checked for
 
     def add_adapter(self, name: str, cfg: LoraConfig) -> None:
         w = self.base_module.weight
@@ -100,7 +101,7 @@ class LoraLinear(AdapterLayer):
         self.invalidate_stack()
 
     def invalidate_stack(self) -> None:
-        self._stack_key = self._stack = None
+        self._stack_key = self._stack = self._stack_plan = None
 
     def weight_out_in(self) -> torch.Tensor:
         w = self.base_module.weight
@@ -139,7 +140,7 @@ class LoraLinear(AdapterLayer):
         if len(groups) > 1 and not torch.is_grad_enabled() and not self.training and self._stack_pays_off():
             # Punica-style: gather each row's (rank-padded) factors, two batched matmuls for all rows.
             order = tuple(self.lora_A.keys())
-            a_all, b_all = self.stacked_factors(order)
+            a_all, b_all = self.stacked_factors(order, self.row_plan)
             slots = self.row_plan.slots(order)  # (B,)
             xr = rows_view(x, batch).to(a_all.dtype)  # (B, N, in)
             h = torch.bmm(xr, a_all[slots].transpose(1, 2))  # (B, N, r_max)
@@ -158,13 +159,16 @@ class LoraLinear(AdapterLayer):
         return (len(ranks) + 1) * max(ranks) <= 2 * sum(ranks) + 2 * max(ranks)
 
     @torch.no_grad()
-    def stacked_factors(self, order: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    def stacked_factors(self, order: tuple[str, ...], plan=None) -> tuple[torch.Tensor, torch.Tensor]:
         """A (n+1, r_max, in) and s*B (n+1, out, r_max), entry 0 all zero (rows without an adapter).
         Zero-padding the rank changes nothing: padded columns of B meet padded rows of A. Rebuilt
         only when an adapter's weights change (their version counters or storage) or the adapter set
         does. Writing through `p.data` bypasses the version counter: call `invalidate_stack()` then."""
+        if plan is not None and plan is self._stack_plan and self._stack is not None:
+            return self._stack  # checked already for this row plan (the weights do not change mid-generation)
         key = tuple((n, self.lora_A[n].weight._version, self.lora_B[n].weight._version,
                      self.lora_A[n].weight.data_ptr(), self.lora_B[n].weight.data_ptr()) for n in order)
+        self._stack_plan = plan
         if key != self._stack_key:
             r_max = max(self.lora_A[n].weight.shape[0] for n in order)
             ref = self.lora_A[order[0]].weight
