@@ -1,0 +1,218 @@
+"""The DPO family: sigmoid DPO, conservative DPO, IPO, and the reference-free SimPO and ORPO.
+
+`PreferenceObjective` turns a (2B, T) pair batch (collate_pairs: rows 0..B-1 chosen, B..2B-1
+rejected) into per-sequence log-probabilities and hands them to a loss strategy of
+losses/preference.py, which never runs the model.
+
+- One forward for the whole batch: chosen and rejected go through the model together, each
+  pair's shared prompt once (training/pairs.py); the LM head runs only at completion tokens.
+- The reference policy: with an adapter, the same network with adapters disabled (no second
+  copy); with full fine-tuning, a frozen copy made before training. SimPO and ORPO need none.
+  With `dpo.precompute_ref`, the reference log-probs of every pair are computed once before
+  training and carried by the batches ("ref_logps", (2B,)), so no reference runs during training.
+- Logged: rewards/chosen, rewards/rejected, rewards/margins, rewards/accuracies, logps/chosen,
+  logps/rejected (from the loss), and `kl`: the k1 estimate Σ_t (log π − log π_ref) / |y_c| over the
+  chosen completion's tokens, averaged over pairs. The tokens are the dataset's, not samples of π,
+  so this is a per-token drift of the policy from the reference on the preferred answers rather
+  than an unbiased KL(π‖π_ref); it starts at 0 and grows as training moves away from the reference.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+from dataclasses import asdict, dataclass, replace
+
+import torch
+from torch import nn
+
+from plugtune.adapters import adapter_names, adapters_disabled
+from plugtune.config import DPOConfig, RunConfig
+from plugtune.data.batching import batch_indices
+from plugtune.data.formats import DataError
+from plugtune.data.preference import (PreferencePair, TokenizedPair, collate_pairs, load_preferences,
+                                      tokenize_preferences)
+from plugtune.models.loading import LoadedModel, autocast_dtype, load_tokenizer
+from plugtune.training.loop import IndexedBatches
+from plugtune.training.losses.preference import PREFERENCE_LOSSES, PreferenceLogps
+from plugtune.training.pairs import PackedPairs, completion_logps, pair_hidden, plan
+
+# dpo.loss -> the strategy's keyword arguments, read from DPOConfig. cdpo with label_smoothing 0
+# takes ConservativeDPO's own default epsilon (0.1): asking for cDPO means asking for smoothing.
+_LOSS_ARGS = {
+    "sigmoid": lambda c: {"beta": c.beta, "label_smoothing": c.label_smoothing},
+    "cdpo": lambda c: {"beta": c.beta, **({"label_smoothing": c.label_smoothing} if c.label_smoothing else {})},
+    "ipo": lambda c: {"beta": c.beta},
+    "simpo": lambda c: {"beta": c.beta, "gamma": c.simpo_gamma},
+    "orpo": lambda c: {"lam": c.orpo_lambda},
+}
+
+
+def build_loss(cfg: DPOConfig):
+    """The strategy object for `cfg.loss` (see losses/preference.py)."""
+    if cfg.loss not in PREFERENCE_LOSSES:
+        raise ValueError(f"dpo.loss={cfg.loss!r} is not one of {', '.join(PREFERENCE_LOSSES)}")
+    return PREFERENCE_LOSSES[cfg.loss](**_LOSS_ARGS[cfg.loss](cfg))
+
+
+def sequence_logps(model: nn.Module, batch: dict, packed: PackedPairs | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(2B,) summed log-probs of each row's completion tokens and (2B,) their counts."""
+    per_token, mask = completion_logps(model, pair_hidden(model, batch, packed), batch["labels"])
+    return per_token.sum(-1), mask.sum(-1)
+
+
+class PreferenceObjective:
+    """DPO-family loss on pair batches; units = pairs, so the loop's step loss is the mean over pairs.
+
+    `reference`: None uses the policy itself with adapters disabled (adapter training), or a frozen
+    nn.Module (full fine-tuning). A batch carrying "ref_logps" (2B,) uses those instead."""
+
+    def __init__(self, cfg: DPOConfig, reference: nn.Module | None = None, share_prefixes: bool = True):
+        self.cfg = cfg
+        self.loss = build_loss(cfg)
+        self.reference = reference
+        self.share_prefixes = share_prefixes
+
+    def units(self, batch: dict) -> int:
+        return batch["input_ids"].shape[0] // 2
+
+    @torch.no_grad()
+    def reference_logps(self, model: nn.Module, batch: dict, packed: PackedPairs | None = None) -> torch.Tensor:
+        """(2B,) summed completion log-probs under the reference policy."""
+        if self.reference is not None:
+            return sequence_logps(self.reference, batch, packed)[0]
+        if not adapter_names(model):
+            raise ValueError("DPO needs a reference policy: this model has no adapter to disable, so pass the frozen "
+                             "copy as `reference` (full fine-tuning) or precompute the reference log-probs")
+        with adapters_disabled(model):
+            return sequence_logps(model, batch, packed)[0]
+
+    def __call__(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
+        b = self.units(batch)
+        packed = plan(model, batch, self.share_prefixes)
+        logps, lengths = sequence_logps(model, batch, packed)  # (2B,), (2B,)
+        # chosen_nll: ORPO's SFT term, the chosen completion's mean token NLL (the others ignore it)
+        x = PreferenceLogps(chosen=logps[:b], rejected=logps[b:], chosen_lengths=lengths[:b],
+                            rejected_lengths=lengths[b:], chosen_nll=-logps[:b] / lengths[:b].clamp(min=1))
+        metrics = {}
+        if self.loss.needs_reference:
+            ref = batch.get("ref_logps")  # (2B,) cached before training, else computed now
+            ref = ref.to(logps) if ref is not None else self.reference_logps(model, batch, packed)
+            x = replace(x, ref_chosen=ref[:b], ref_rejected=ref[b:])
+            per_token = (x.chosen.detach() - x.ref_chosen) / x.chosen_lengths.clamp(min=1)  # (B,) k1 per token
+            metrics["kl"] = per_token.mean()
+        losses, loss_metrics = self.loss(x)  # (B,)
+        return losses.sum(), {**loss_metrics, **metrics}
+
+
+# ---------------------------------------------------------------- cached reference log-probs
+
+
+@dataclass
+class ReferencedPair(TokenizedPair):
+    """A tokenized pair with its reference log-probs, computed once before training."""
+
+    ref_chosen: float = 0.0
+    ref_rejected: float = 0.0
+
+
+def collate_referenced(items: list[TokenizedPair], pad_id: int) -> dict[str, torch.Tensor]:
+    """collate_pairs, plus "ref_logps" (2B,) when the items carry reference log-probs."""
+    batch = collate_pairs(items, pad_id)
+    if items and all(isinstance(it, ReferencedPair) for it in items):
+        batch["ref_logps"] = torch.tensor([it.ref_chosen for it in items] + [it.ref_rejected for it in items],
+                                          dtype=torch.float32)
+    return batch
+
+
+@torch.no_grad()
+def precompute_reference(objective: PreferenceObjective, model: nn.Module, items: list[TokenizedPair],
+                         batch_size: int, pad_id: int, amp: torch.dtype | None = None) -> list[ReferencedPair]:
+    """The reference log-probs of every pair (batched, no grad), stored on the items; float32 values
+    kept exactly (a Python float holds a float32), so batches rebuilt on resume carry the same numbers."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out: list[ReferencedPair] = []
+    try:
+        for start in range(0, len(items), batch_size):
+            chunk = items[start:start + batch_size]
+            batch = {k: v.to(device) for k, v in collate_pairs(chunk, pad_id).items()}
+            with torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext():
+                ref = objective.reference_logps(model, batch, plan(model, batch, objective.share_prefixes))
+            values = ref.float().cpu().tolist()
+            out += [ReferencedPair(**asdict(it), ref_chosen=values[k], ref_rejected=values[len(chunk) + k])
+                    for k, it in enumerate(chunk)]
+    finally:
+        model.train(was_training)
+    return out
+
+
+# ---------------------------------------------------------------- setup for train()
+
+
+def read_pairs(path: str, tokenizer, cfg: RunConfig, max_prompt_length: int | None = None,
+               limit: int = 0) -> tuple[list[TokenizedPair], str]:
+    """Preference pairs of `path`, tokenized with data.max_length / data.overflow; (items, summary)."""
+    fmt = cfg.data.format if cfg.data.format in ("paired", "implicit") else "auto"
+    pairs = load_preferences(path, fmt)
+    if not isinstance(pairs[0], PreferencePair):
+        raise DataError(f"{path}: objective={cfg.objective} trains on pairs (prompt, chosen, rejected); this file "
+                        "holds unpaired examples (prompt, completion, label)")
+    if limit:
+        pairs = pairs[:limit]
+    items, stats = tokenize_preferences(tokenizer, pairs, cfg.data.max_length, max_prompt_length, cfg.data.overflow)
+    if not items:
+        raise ValueError(f"{path}: no usable pairs after tokenization ({stats.summary()})")
+    return items, stats.summary()
+
+
+def pair_source(items: list[TokenizedPair], cfg: RunConfig, pad_id: int) -> IndexedBatches:
+    """Micro-batch i holds the pairs micro_batch_pairs would pick (seeded epochs; resumable by index)."""
+    t = cfg.training
+
+    def make_batch(i: int) -> dict:
+        return collate_referenced([items[j] for j in batch_indices(len(items), i, t.batch_size, t.seed)], pad_id)
+
+    return IndexedBatches(make_batch, len(items), t.batch_size, t.grad_accum)
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """The reference for full fine-tuning: a copy of the starting weights that never trains."""
+    reference = copy.deepcopy(model).eval()
+    reference.requires_grad_(False)
+    return reference
+
+
+def prepare(cfg: RunConfig, loaded: LoadedModel | None):
+    from plugtune.training.run import Setup, prepare_model, save_policy  # run.py imports this module lazily
+
+    tok = loaded.tokenizer if loaded is not None else load_tokenizer(cfg.model.name)
+    max_prompt = cfg.dpo.max_prompt_length or None
+    train_items, summary = read_pairs(cfg.data.train, tok, cfg, max_prompt)  # bad data fails before the model loads
+    print(f"[plugtune] train pairs: {summary}")
+    eval_items = None
+    if cfg.data.eval:
+        eval_items, eval_summary = read_pairs(cfg.data.eval, tok, cfg, max_prompt, cfg.data.eval_limit)
+        print(f"[plugtune] eval pairs: {eval_summary}")
+    torch.manual_seed(cfg.training.seed)  # adapter initialisation is part of the run's randomness
+    loaded = prepare_model(cfg, loaded)
+    model = loaded.model
+    needs_reference = PREFERENCE_LOSSES[cfg.dpo.loss].needs_reference
+    reference = frozen_copy(model) if needs_reference and cfg.method == "full" else None
+    objective = PreferenceObjective(cfg.dpo, reference)
+    pad = tok.pad_token_id
+    if needs_reference and cfg.dpo.precompute_ref:
+        device = next(model.parameters()).device
+        amp = autocast_dtype(cfg.model.dtype, device)
+        bs = cfg.training.batch_size
+        train_items = precompute_reference(objective, model, train_items, bs, pad, amp)
+        if eval_items:
+            eval_items = precompute_reference(objective, model, eval_items, bs, pad, amp)
+        objective.reference = None  # the cache replaces it: the full-fine-tuning copy is freed
+        print(f"[plugtune] reference log-probs precomputed for {len(train_items)} train pairs")
+    eval_batches = None
+    if eval_items:
+        bs = cfg.training.batch_size
+        eval_batches = [collate_referenced(eval_items[i:i + bs], pad) for i in range(0, len(eval_items), bs)]
+    return Setup(loaded, pair_source(train_items, cfg, pad), lambda out: save_policy(cfg, loaded, out), objective,
+                 eval_batches=eval_batches, summary=summary)
