@@ -141,11 +141,39 @@ def prepare_inputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
     return kwargs, virtual
 
 
-def hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs) -> torch.Tensor:
-    """Final hidden states (B, T, C) of the backbone, virtual positions (if any) dropped."""
+def hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                  position_ids: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+    """Final hidden states (B, T, C) of the backbone, virtual positions (if any) dropped.
+
+    `position_ids` (B, T) are passed through as given, `kwargs` to the backbone. Packed rows
+    (data/packing.py) give positions that restart at 0 for each example and no attention_mask:
+    transformers then builds a causal mask that never crosses an example (or, under variable-length
+    attention, `cu_seq_lens_q` in kwargs keeps examples apart: `batch_hidden`). Virtual tokens would
+    need their own positions before every example, so the two are refused together."""
     inputs, virtual = prepare_inputs(model, input_ids, attention_mask)
+    if position_ids is not None:
+        if set(inputs) != {"input_ids", "attention_mask"}:
+            raise ValueError("explicit position_ids (packed or tree-shaped rows) cannot be combined with prompt or "
+                             "prefix tuning: their virtual tokens take positions of their own; use padded batches "
+                             "(data.packing=false)")
+        inputs["position_ids"] = position_ids
     out = backbone(model)(**inputs, use_cache=False, **kwargs)
     return out[0][:, virtual:] if virtual else out[0]
+
+
+def batch_hidden(model: nn.Module, batch: dict) -> torch.Tensor:
+    """Final hidden states (R, W, C) of a padded batch (input_ids, attention_mask) or a packed one
+    (data/packing.py: input_ids, position_ids restarting at 0 per example, no attention_mask).
+    A packed single row on a model switched to variable-length attention (models/varlen.py) also
+    gets the example boundaries, read off the position ids, as `cu_seq_lens_q`."""
+    from plugtune.models import varlen
+
+    positions = batch.get("position_ids")
+    extra = {}
+    if (positions is not None and batch.get("attention_mask") is None and positions.shape[0] == 1
+            and getattr(getattr(model, "config", None), "_attn_implementation", None) == varlen.NAME):
+        extra["cu_seq_lens_q"] = varlen.boundaries(positions[0])
+    return hidden_states(model, batch["input_ids"], batch.get("attention_mask"), position_ids=positions, **extra)
 
 
 def forward_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:

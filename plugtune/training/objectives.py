@@ -13,7 +13,8 @@ from torch import nn
 
 from plugtune.adapters.mixed import mixed_adapters
 from plugtune.data.tokenize import IGNORE_INDEX
-from plugtune.models.causal_lm import hidden_states, lm_head
+from plugtune.models.causal_lm import batch_hidden, lm_head
+from plugtune.training.logprobs import CHUNK, labelled_logps
 
 
 class Objective(Protocol):
@@ -28,13 +29,18 @@ class Objective(Protocol):
 
 
 class CausalLMObjective:
-    """Next-token cross-entropy on labelled positions (SFT and plain causal LM).
+    """Next-token cross-entropy on labelled positions (SFT and plain causal LM), on padded or packed
+    batches (data/packing.py: position_ids restart per example, no attention_mask).
 
-    The LM head is applied only where a label exists: with a 49,152-word vocabulary, (B, T, V)
-    logits dominate a LoRA step's time and memory when most tokens are prompt.
+    The LM head is applied only where a label exists, `chunk` positions at a time
+    (logprobs.labelled_logps): with a 49,152-word vocabulary, (B, T, V) logits dominate a LoRA
+    step's time and memory when most tokens are prompt.
     """
 
     reports_perplexity = True
+
+    def __init__(self, chunk: int = CHUNK):
+        self.chunk = chunk
 
     def units(self, batch: dict[str, torch.Tensor]) -> int:
         return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
@@ -42,14 +48,13 @@ class CausalLMObjective:
     def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
         if batch.get("adapter_names") is not None:  # one adapter per row (e.g. routed evaluation)
             with mixed_adapters(model, batch["adapter_names"]):
-                hidden = hidden_states(model, batch["input_ids"], batch["attention_mask"])  # (B, T, C)
+                hidden = batch_hidden(model, batch)  # (B, T, C)
         else:
-            hidden = hidden_states(model, batch["input_ids"], batch["attention_mask"])
+            hidden = batch_hidden(model, batch)
         targets = batch["labels"][:, 1:]  # (B, T-1): token t+1 is predicted at position t
         keep = targets != IGNORE_INDEX
-        logits = lm_head(model)(hidden[:, :-1][keep])  # (N, V), N = supervised tokens
-        loss_sum = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
-        return loss_sum, {}
+        logps = labelled_logps(lm_head(model), hidden[:, :-1][keep], targets[keep], self.chunk)  # (N,)
+        return -logps.sum(), {}  # cross-entropy summed over the N supervised tokens
 
 
 def full_logits_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -1,0 +1,94 @@
+"""bench/sft_vs_trl.py runs end to end on a tiny model (it must not rot) and its FLOP formula is exact;
+no speed is asserted."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "sft_vs_trl.py"
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench_sft_vs_trl", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def chat_file(path: Path) -> Path:
+    """Short conversations: the tiny tokenizer splits real chat into many tokens."""
+    words = ["the quick brown fox", "jumps over the lazy dog", "hello world", "what is the date", "answer"]
+    rows = []
+    for i in range(16):
+        turns = []
+        for t in range(1 + i % 3):
+            turns += [{"role": "user", "content": " ".join(words[(i + t + k) % 5] for k in range(1 + (i + t) % 3))},
+                      {"role": "assistant", "content": " ".join(words[(i * 2 + k) % 5] for k in range(1 + i % 2))}]
+        rows.append({"messages": turns})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_sft_bench_on_tiny_model(tiny_model_dir, tmp_path):
+    pytest.importorskip("trl")
+    pytest.importorskip("datasets")
+    out = tmp_path / "sft.json"
+    result = load_bench().main(["--model", str(tiny_model_dir), "--threads", "1", "--warmup", "1", "--steps", "1",
+                                "--modes", "lora", "--layouts", "packed", "--peak-n", "128", "--peak-seconds", "0.1",
+                                "--data", str(chat_file(tmp_path / "chat.jsonl")), "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    assert [r["engine"] for r in result["runs"]] == ["trl", "plugtune/packed"]  # alternating, TRL first
+    trl, ours = result["runs"]
+    # The same conversations in the same steps: equal token counts (checked by the bench) and, with LoRA's
+    # B = 0 at the start, the same first loss; the plugtune run really packed.
+    assert trl["supervised_tokens"] == ours["supervised_tokens"] and len(trl["losses"]) == 2
+    assert ours["losses"][0] == pytest.approx(trl["losses"][0], rel=1e-5)
+    assert ours["batches"].startswith("packed: one row")
+    rows = result["summary"]["lora"]
+    assert rows["plugtune/packed"]["padding"] < rows["trl"]["padding"]
+    v = rows["plugtune/packed"]["vs_trl"]
+    assert v["supervised_tok_s"] == pytest.approx(rows["plugtune/packed"]["supervised_tok_s"] / rows["trl"]["supervised_tok_s"])
+    assert v["peak_rss"] == pytest.approx(rows["plugtune/packed"]["peak_rss_mb"] / rows["trl"]["peak_rss_mb"])
+    assert 0 < rows["plugtune/packed"]["fraction_of_peak"] and result["matmul_peak_flops"][0] > 0
+    assert result["settings"]["trl"]["assistant_only_loss"] is True
+
+
+def test_bench_skips_without_data(tmp_path, capsys):
+    assert load_bench().main(["--data", str(tmp_path / "absent.jsonl")]) is None
+    assert "missing" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_flop_formula_matches_torch_flop_counter(tiny_model_dir, mode):
+    """The bench's model FLOPs equal what torch counts for one packed step (eager attention so that its
+    matmuls are counted; torch counts the full L x L scores, so pairs = sum of L^2 here)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from plugtune.adapters import attach_adapter
+    from plugtune.data.packing import collate_packed
+    from plugtune.data.tokenize import Tokenized
+    from plugtune.models.tiny import build_model
+    from plugtune.training.objectives import CausalLMObjective
+
+    bench = load_bench()
+    dims = bench.model_dims(str(tiny_model_dir))
+    g = torch.Generator().manual_seed(0)
+    lengths = [30, 12, 20]
+    items = [Tokenized(ids, [-100] * 5 + ids[5:]) for ids in (torch.randint(3, 400, (n,), generator=g).tolist() for n in lengths)]
+    batch = collate_packed(items, 0, 64)
+    model = build_model("llama", dims["vocab"])
+    model.config._attn_implementation = "eager"
+    if mode == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+    else:
+        attach_adapter(model, "lora", bench.LORA)
+    with FlopCounterMode(display=False) as counter:
+        CausalLMObjective()(model, batch)[0].backward()
+    supervised = CausalLMObjective().units(batch)
+    # The packed row also computes scores between examples (masked out): torch counts the row's W x W.
+    pairs = sum(batch["input_ids"].shape[1] ** 2 for _ in range(batch["input_ids"].shape[0]))
+    padding = batch["input_ids"].numel() - sum(lengths)  # padded positions run through the layers too
+    assert counter.get_total_flops() == bench.step_flops(dims, mode, sum(lengths) + padding, supervised, pairs)
