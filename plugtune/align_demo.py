@@ -26,7 +26,7 @@ from plugtune.config import load_run_config
 from plugtune.data import Example, collate, tokenize_dataset
 from plugtune.data.instructions import compliance_reward, load_records, strict_accuracy
 from plugtune.evaluation import loss_and_perplexity
-from plugtune.inference.generate import GenerationConfig, generate
+from plugtune.inference.generate import GenerationConfig
 from plugtune.inference.pool import LanguageModel
 from plugtune.models.causal_lm import hidden_states, lm_head
 from plugtune.models.loading import load_base

@@ -32,6 +32,14 @@ class DataConfig:
     train_on: str = "responses"  # responses (assistant tokens only) | all
     system_prompt: str | None = None  # added as a system turn when an example has none
     eval_limit: int = 0  # 0 = all eval examples
+    # Speed without changing results (SFT). packing: a micro-batch's examples laid end to end, attention
+    # kept within each example (data/packing.py). auto = on where exact (not with prompt/prefix tuning;
+    # the model is probed), unless group_by_length is true.
+    packing: bool | str = "auto"  # auto | true | false
+    # How packed examples are kept apart: varlen (one row, attention per example; replaces sdpa) |
+    # mask (rows of <= max_length under a block-diagonal mask) | auto (varlen where possible, else mask).
+    packed_attention: str = "auto"
+    group_by_length: bool | str = "auto"  # padded batches of similar lengths; auto = on when not packing
 
 
 @dataclass
@@ -54,12 +62,18 @@ class TrainingConfig:
     keep_checkpoints: int = 2
     progress: bool = True
     on_nonfinite: str = "stop"  # stop | skip : a NaN/inf loss or gradient stops the run or skips the step
+    # Under torchrun (WORLD_SIZE > 1): auto = ddp (replicas, gradients summed) | fsdp (FSDP2 shards).
+    distributed: str = "auto"
+    report_to: list[str] = field(default_factory=list)  # tensorboard | mlflow | wandb, all offline
+    gradient_checkpointing: bool = False  # recompute layer activations in the backward: less memory, ~1/3 slower
+    threads: int = 0  # torch intra-op threads for the run; 0 = leave as is (OMP_NUM_THREADS or all cores)
 
 
 @dataclass
 class OutputConfig:
     dir: str = "runs/plugtune"
     resume: str = "auto"  # auto (latest checkpoint in dir if any) | never | a checkpoint directory
+    overwrite: bool = False  # start afresh in a dir that holds another run: its checkpoints and logs are removed
     plot: bool = True  # write loss_curve.png at the end
 
 
@@ -207,6 +221,7 @@ def validate_run_config(cfg: RunConfig) -> None:
     choices = {
         "data.overflow": (cfg.data.overflow, ("truncate", "drop")),
         "data.train_on": (cfg.data.train_on, ("responses", "all")),
+        "data.packed_attention": (cfg.data.packed_attention, ("auto", "varlen", "mask")),
         "training.schedule": (cfg.training.schedule, ("cosine", "linear", "constant")),
         "model.dtype": (cfg.model.dtype, ("auto", "float32", "bfloat16")),
         "training.on_nonfinite": (cfg.training.on_nonfinite, ("stop", "skip")),
@@ -249,7 +264,18 @@ def validate_run_config(cfg: RunConfig) -> None:
             raise ConfigError("method=full trains every parameter: remove the 'adapter' section")
     else:
         registry.get_method(cfg.method).parse_config(cfg.adapter)  # raises on unknown keys
+    for key in ("packing", "group_by_length"):
+        if getattr(cfg.data, key) not in (True, False, "auto"):
+            raise ConfigError(f"data.{key}={getattr(cfg.data, key)!r} is not one of auto, true, false")
+    if cfg.data.packing is True and cfg.data.group_by_length is True:
+        raise ConfigError("data.packing=true and data.group_by_length=true: grouping applies to padded batches "
+                          "only; choose one")
+    if cfg.data.packing is True and (cfg.objective != "sft" or cfg.adapters):
+        raise ConfigError("data.packing=true applies to single-adapter or full SFT runs (objective=sft, no "
+                          "'adapters:' section); remove it")
     t = cfg.training
+    if t.threads < 0:
+        raise ConfigError(f"training.threads must be >= 0 (0 = leave as is), got {t.threads}")
     if t.batch_size < 1 or t.grad_accum < 1:
         raise ConfigError("training.batch_size and training.grad_accum must be >= 1")
     if t.lr <= 0:

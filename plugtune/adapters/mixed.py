@@ -58,8 +58,11 @@ class RowPlan:
         return self._slots[order]
 
 
-def check_row_adapters(layers: list[tuple[str, AdapterLayer]], names: list[str | None]) -> None:
-    """Raise a clear error for unknown adapters and for those that cannot run per row."""
+def check_row_adapters(model: nn.Module, names: list[str | None],
+                       layers: list[tuple[str, AdapterLayer]] | None = None) -> None:
+    """Raise a clear error for unknown adapters and for those that cannot run per row.
+    `layers`: the model's adapter layers, when the caller has listed them already."""
+    layers = list(adapter_layers(model)) if layers is None else layers
     known = list(dict.fromkeys(n for _, layer in layers for n in layer.configs))
     unknown = sorted({n for n in names if n is not None and n not in known})
     if unknown:
@@ -86,7 +89,7 @@ def mixed_adapters(model: nn.Module, names: list[str | None]):
     if not names:
         raise ValueError("per-row adapter names: the list is empty; give one name (or None) per row")
     named = list(adapter_layers(model))  # one walk over the modules serves the checks and the plan
-    check_row_adapters(named, names)
+    check_row_adapters(model, names, named)
     device = next(model.parameters()).device
     plan = RowPlan(tuple(names), device)
     layers = [layer for _, layer in named]

@@ -15,6 +15,16 @@ each adapter's update is the one it would get trained alone on its rows.
 
 Host syncs: the step loss and metrics stay tensors until the step ends; one transfer then carries
 loss, gradient norm and metrics (nanoGPT's habit), and decides on non-finite values.
+
+Non-finite values (training.on_nonfinite): a NaN/inf loss or gradient norm either stops the run
+(`NonFiniteLossError`, before any checkpoint of that step is written, so the last good one is
+intact) or skips the step: no optimizer update, AdamW's moments and step count untouched, the
+step's batches consumed, and the learning-rate schedule moves on (it is a function of the step
+number, skipped steps included). Skipped steps are logged and counted in checkpoints.
+
+Distributed runs (distributed.py): the same loop on every rank with its share of each micro-batch;
+per-key units are summed over ranks before the forward, gradients after the backward, and the
+step's statistics in one all_reduce before the host sync, so all ranks take the same decisions.
 """
 from __future__ import annotations
 
@@ -30,16 +40,19 @@ import torch
 from torch import nn
 
 from plugtune.config import TrainingConfig
-from plugtune.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from plugtune.training.checkpoint import clean_stale, list_checkpoints, load_checkpoint, save_checkpoint
+from plugtune.training.distributed import Distributed, GradSync, is_dtensor
 from plugtune.training.metrics import MetricsLog, plot_loss_curve
 from plugtune.training.objectives import CausalLMObjective, Objective
 from plugtune.training.schedule import lr_multiplier
+from plugtune.training.tracking import Tracker
 
 Batch = dict[str, Any]
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The loss or the gradients became NaN/inf; training stopped without writing a checkpoint."""
+    """The loss or the gradients became NaN/inf (training.on_nonfinite=stop); training stopped without
+    writing a checkpoint, so the last good one is intact."""
 
 
 class BatchSource(Protocol):
@@ -100,6 +113,8 @@ class FitResult:
     history: list[dict] = field(default_factory=list)
     eval_metrics: dict = field(default_factory=dict)
     skipped_steps: int = 0
+    world_size: int = 1
+    grad_sync_bytes: int = 0  # bytes of gradients summed across ranks per step (replicated trainable params)
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -184,29 +199,47 @@ def evaluate_loss(model: nn.Module, batches: list[Batch], objective: Objective, 
 
 def fit(model: nn.Module, source: BatchSource, cfg: TrainingConfig, out_dir: Path, objective: Objective | None = None,
         eval_batches: list[Batch] | None = None, device: torch.device | None = None, amp: torch.dtype | None = None,
-        resume: str = "auto", groups: list[ParamGroup] | None = None) -> FitResult:
-    """Train `model` in place on the micro-batches `source` gives for each step."""
+        resume: str = "auto", groups: list[ParamGroup] | None = None, dist: Distributed | None = None,
+        tracker: Tracker | None = None, run_config: dict | None = None) -> FitResult:
+    """Train `model` in place on the micro-batches `source` gives for each step.
+
+    Distributed (`dist` active): `source` gives this rank's share of each global micro-batch
+    (distributed.shard_source); units are summed over ranks before the forward, gradients after the
+    backward, so every rank takes the same step one process would take on the global batch. Only
+    rank 0 writes metrics, plots, tracking and checkpoints. `run_config` is recorded in checkpoints."""
     objective = objective or CausalLMObjective()
     device = device or next(model.parameters()).device
+    d = dist or Distributed()
     out_dir = Path(out_dir)
     ckpt_root = out_dir / "checkpoints"
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * source.steps_per_epoch))
     torch.manual_seed(cfg.seed)
 
     optimizer = build_optimizer(model, cfg, groups)
+    grad_sync = GradSync([p for g in optimizer.param_groups for p in g["params"]], d)
+    grad_sync.broadcast_params()
     stateful = {"source": source, "objective": objective}
     trainable_params, total_params = count_parameters(model)
-    start_step, last_ckpt = 0, None
-    resume_path = _find_resume(ckpt_root, resume)
+    start_step, last_ckpt, skipped = 0, None, 0
+    if d.is_main:
+        for stale in clean_stale(ckpt_root):
+            print(f"[plugtune] removed {stale}, an unfinished checkpoint write of a crashed run")
+    resume_path = d.broadcast_object(_find_resume(ckpt_root, resume) if d.is_main else None)
     if resume_path is not None:
-        state = load_checkpoint(resume_path, model, optimizer, stateful)
-        start_step, last_ckpt = state["step"], resume_path
-        print(f"[plugtune] resumed from {resume_path} at step {start_step}")
-    log = MetricsLog(out_dir / "metrics.jsonl", resume_from_step=start_step if resume_path else None)
+        state = load_checkpoint(resume_path, model, optimizer, stateful, d)
+        start_step, last_ckpt, skipped = state["step"], resume_path, state.get("skipped_steps", 0)
+        if d.is_main:
+            print(f"[plugtune] resumed from {resume_path} at step {start_step}")
+    log = MetricsLog(out_dir / "metrics.jsonl", resume_from_step=start_step if resume_path else None,
+                     tracker=tracker) if d.is_main else None
+    if d.active and d.is_main:
+        print(f"[plugtune] {d.mode.upper()} over {d.world} processes: {len(grad_sync.params)} trainable tensors "
+              f"({grad_sync.bytes_per_step / 2**20:.2f} MiB) summed across ranks each step"
+              + (" besides FSDP's sharded ones" if d.mode == "fsdp" else ""))
 
-    progress = _progress(cfg.progress, total_steps, start_step)
+    progress = _progress(cfg.progress and d.is_main, total_steps, start_step)
     model.train()
-    train_loss, eval_metrics, units_seen, skipped = float("nan"), {}, 0, 0
+    train_loss, eval_metrics, units_seen = float("nan"), {}, 0
     t0 = time.perf_counter()
     for step in range(start_step, total_steps):
         step_t0 = time.perf_counter()
@@ -214,10 +247,14 @@ def fit(model: nn.Module, source: BatchSource, cfg: TrainingConfig, out_dir: Pat
         for group in optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"]
         micro = [_to(b, device) for b in source.batches(step, model)]
-        units: dict[str, int] = {}
+        local_units: dict[str, int] = {}
+        keyed = False
         for b in micro:
-            for k, n in _keyed(objective.units(b)).items():
-                units[k] = units.get(k, 0) + n
+            counted = objective.units(b)
+            keyed = keyed or isinstance(counted, dict)
+            for k, n in _keyed(counted).items():
+                local_units[k] = local_units.get(k, 0) + n
+        units = d.global_units(local_units, same_keys=not keyed)  # the step's, over all ranks: one small collective
         step_units = sum(units.values())
         if step_units == 0:
             raise ValueError(f"step {step + 1}: the batch has nothing to learn from (no supervised tokens); "
@@ -237,76 +274,116 @@ def fit(model: nn.Module, source: BatchSource, cfg: TrainingConfig, out_dir: Pat
                 key_losses[k] = key_losses.get(k, 0.0) + v.detach()
             for k, v in metrics.items():
                 metric_sums[k] = metric_sums.get(k, 0.0) + torch.as_tensor(v, dtype=torch.float32, device=device).detach()
-        grad_norm = _clip(optimizer, cfg.max_grad_norm)
+        grad_sync()  # sums the replicated gradients over ranks (FSDP reduce-scatters its own)
+        grad_norm = _clip(optimizer, cfg.max_grad_norm, d)
+        # Loss and per-key losses are this rank's parts of global sums; metrics are averaged over ranks.
+        keys = list(units) if len(units) > 1 else []
+        stats = [step_loss] + [torch.as_tensor(key_losses.get(k, 0.0), device=device) for k in keys]
+        stats += [v / len(micro) for v in metric_sums.values()]
+        stats = d.sum_(torch.stack([torch.as_tensor(t, device=device).float() for t in stats]))
+        n_metrics = len(metric_sums)
+        if n_metrics and d.active:
+            stats = torch.cat([stats[:len(stats) - n_metrics], stats[len(stats) - n_metrics:] / d.world])
         # One host sync for the step: loss, gradient norm, per-key losses and metrics together.
-        names = ["loss", "grad_norm"] + ([f"loss/{k}" for k in key_losses] if len(key_losses) > 1 else []) + list(metric_sums)
-        tensors = [step_loss, grad_norm] + (list(key_losses.values()) if len(key_losses) > 1 else [])
-        tensors += [v / len(micro) for v in metric_sums.values()]
-        values = dict(zip(names, torch.stack([torch.as_tensor(t, device=device).float() for t in tensors]).tolist()))
+        flat = torch.cat([stats[:1], torch.as_tensor(grad_norm, device=device).float().reshape(1), stats[1:]]).tolist()
+        names = ["loss", "grad_norm"] + [f"loss/{k}" for k in keys] + list(metric_sums)
+        values = dict(zip(names, flat))
         done = step + 1
-        if not (math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])):
+        if math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"]):
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            train_loss, units_seen = values["loss"], units_seen + step_units
+            dt = time.perf_counter() - step_t0
+            if log and (done % cfg.log_every == 0 or done == total_steps):
+                record = {"kind": "train", "step": done, "loss": round(train_loss, 6), "lr": lr,
+                          "grad_norm": round(values["grad_norm"], 6), "tokens": step_units,
+                          "tokens_per_s": round(step_units / dt, 1), "elapsed_s": round(time.perf_counter() - t0, 3)}
+                record.update({k: round(v, 6) for k, v in values.items() if k not in ("loss", "grad_norm")})
+                log.write(record)
+            progress.update(1)
+            shown = {k: f"{v:.3g}" for k, v in list(values.items())[2:5]}
+            progress.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{step_units / dt:.0f}", lr=f"{lr:.2e}", **shown)
+        else:
+            # Every rank sees the same (summed) values, so every rank takes the same decision.
             optimizer.zero_grad(set_to_none=True)
             what = "loss" if not math.isfinite(values["loss"]) else "gradient norm"
-            if cfg.on_nonfinite == "skip":
-                skipped += 1
+            bad = values["loss" if what == "loss" else "grad_norm"]
+            if cfg.on_nonfinite != "skip":
+                progress.close()
+                where = f"the last good checkpoint {last_ckpt} is intact" if last_ckpt else "no checkpoint was written"
+                raise NonFiniteLossError(
+                    f"the {what} became {bad} at step {done}; training stopped and {where}. Lower training.lr, enable "
+                    "clipping (training.max_grad_norm), check the data for empty targets, or set "
+                    "training.on_nonfinite=skip to skip such steps.")
+            # A skipped step: no update, AdamW's state (moments, step count) untouched; the batches are
+            # consumed and the schedule moves on (the learning rate is a function of the step number).
+            skipped += 1
+            if log:
                 log.write({"kind": "skipped", "step": done, "reason": f"non-finite {what}"})
-                progress.write(f"step {done}: the {what} is {values['loss' if what == 'loss' else 'grad_norm']}; "
-                               "step skipped (training.on_nonfinite=skip)")
-                progress.update(1)
-                continue
-            progress.close()
-            where = f"the last good checkpoint {last_ckpt} is intact" if last_ckpt else "no checkpoint was written"
-            raise NonFiniteLossError(
-                f"the {what} became {values['loss' if what == 'loss' else 'grad_norm']} at step {done}; training "
-                f"stopped and {where}. Lower training.lr, enable clipping (training.max_grad_norm), check the data "
-                "for empty targets, or set training.on_nonfinite=skip to skip such steps.")
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        train_loss, units_seen = values["loss"], units_seen + step_units
-        dt = time.perf_counter() - step_t0
-        if done % cfg.log_every == 0 or done == total_steps:
-            record = {"kind": "train", "step": done, "loss": round(train_loss, 6), "lr": lr,
-                      "grad_norm": round(values["grad_norm"], 6), "tokens": step_units,
-                      "tokens_per_s": round(step_units / dt, 1), "elapsed_s": round(time.perf_counter() - t0, 3)}
-            record.update({k: round(v, 6) for k, v in values.items() if k not in ("loss", "grad_norm")})
-            log.write(record)
-        progress.update(1)
-        shown = {k: f"{v:.3g}" for k, v in list(values.items())[2:5]}
-        progress.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{step_units / dt:.0f}", lr=f"{lr:.2e}", **shown)
+            if d.is_main:
+                progress.write(f"step {done}: the {what} is {bad}; step skipped (training.on_nonfinite=skip)")
+            progress.update(1)
         if eval_batches and ((cfg.eval_every and done % cfg.eval_every == 0) or done == total_steps):
-            eval_metrics = evaluate(model, eval_batches, objective, device, amp)
-            log.write({"kind": "eval", "step": done, **{k: round(v, 6) for k, v in eval_metrics.items()}})
-            progress.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in list(eval_metrics.items())[:4]))
+            eval_metrics = evaluate(model, eval_batches, objective, device, amp)  # the same on every rank
+            if log:
+                log.write({"kind": "eval", "step": done, **{k: round(v, 6) for k, v in eval_metrics.items()}})
+                progress.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in list(eval_metrics.items())[:4]))
         if (cfg.save_every and done % cfg.save_every == 0) or done == total_steps:
-            last_ckpt = save_checkpoint(ckpt_root, done, model, optimizer, {"total_steps": total_steps},
-                                        keep=cfg.keep_checkpoints, stateful=stateful)
+            extra = {"total_steps": total_steps, "skipped_steps": skipped}
+            if run_config is not None:
+                extra["config"] = run_config
+            last_ckpt = save_checkpoint(ckpt_root, done, model, optimizer, extra, keep=cfg.keep_checkpoints,
+                                        stateful=stateful, d=d)
     progress.close()
     model.eval()
-    history = log.read()
+    history = log.read() if log else []
     if history:
         plot_loss_curve(history, out_dir / "loss_curve.png")
     return FitResult(steps=total_steps, train_loss=train_loss, eval_loss=eval_metrics.get("eval_loss"),
                      train_seconds=time.perf_counter() - t0, tokens=units_seen, trainable_params=trainable_params,
                      total_params=total_params, peak_memory_mb=peak_memory_mb(device), checkpoint=last_ckpt,
-                     history=history, eval_metrics=eval_metrics, skipped_steps=skipped)
+                     history=history, eval_metrics=eval_metrics, skipped_steps=skipped, world_size=d.world,
+                     grad_sync_bytes=grad_sync.bytes_per_step if d.active else 0)
 
 
-def _clip(optimizer: torch.optim.Optimizer, max_norm: float) -> torch.Tensor:
-    """Clip each clip group to `max_norm` (0: no clipping); return the overall norm as a tensor."""
+def _clip(optimizer: torch.optim.Optimizer, max_norm: float, d: Distributed | None = None) -> torch.Tensor:
+    """Clip each clip group to `max_norm` (0: no clipping); return the overall norm as a tensor.
+
+    FSDP-sharded gradients: each rank holds a shard, so a group's squared norm is the sum over ranks
+    of the shards' squared norms (one all_reduce for all groups) plus that of its replicated gradients."""
     by_group: dict[str, list[torch.Tensor]] = {}
     for group in optimizer.param_groups:
         by_group.setdefault(group["clip_group"], []).extend(p for p in group["params"] if p.grad is not None)
-    norms = []
-    for params in by_group.values():
-        if not params:
-            continue
-        if max_norm and max_norm > 0:
-            norms.append(torch.nn.utils.clip_grad_norm_(params, max_norm))
-        else:
-            norms.append(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params])))
-    if not norms:
+    by_group = {k: v for k, v in by_group.items() if v}
+    if not by_group:
         return torch.zeros(())
-    return torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
+    if not any(is_dtensor(p.grad) for params in by_group.values() for p in params):
+        norms = []
+        for params in by_group.values():
+            if max_norm and max_norm > 0:
+                norms.append(torch.nn.utils.clip_grad_norm_(params, max_norm))
+            else:
+                norms.append(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params])))
+        return torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
+
+    def squared_norm(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+        return sum((torch.linalg.vector_norm(g.float()).to(device) ** 2 for g in grads), torch.zeros((), device=device))
+
+    sharded_sq, plain_sq = [], []
+    for params in by_group.values():
+        shards = [p.grad.to_local() for p in params if is_dtensor(p.grad)]
+        plain = [p.grad for p in params if not is_dtensor(p.grad)]
+        device = (shards or plain)[0].device
+        sharded_sq.append(squared_norm(shards, device))
+        plain_sq.append(squared_norm(plain, device))
+    sharded = (d or Distributed()).sum_(torch.stack(sharded_sq))
+    group_norms = (sharded + torch.stack(plain_sq)).sqrt()  # (G,)
+    if max_norm and max_norm > 0:
+        for params, norm in zip(by_group.values(), group_norms):
+            coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+            for p in params:
+                (p.grad.to_local() if is_dtensor(p.grad) else p.grad).mul_(coef.to(p.grad.device))
+    return torch.linalg.vector_norm(group_norms)
 
 
 def _find_resume(ckpt_root: Path, resume: str) -> Path | None:

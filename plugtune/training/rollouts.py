@@ -193,7 +193,7 @@ class RolloutSource:
         self.last_stats = state.get("stats", {})
 
 
-def prepare_rl(cfg, loaded, make_objective: Callable) -> "Setup":
+def prepare_rl(cfg, loaded, make_objective: Callable):
     """What PPO and GRPO share: prompts (read before the model loads), the policy (an adapter, or every
     weight), the reference, the scorer (reward functions and/or a reward model on the same base), and
     the rollout source feeding the loop. `make_objective(model, reference)` -> (objective, extra groups)."""

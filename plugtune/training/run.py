@@ -6,21 +6,21 @@ plain transformers loads.
 from __future__ import annotations
 
 import importlib
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
-import yaml
 
 from plugtune.adapters import attach_adapter, save_adapter
 from plugtune.config import RunConfig, to_dict
-from plugtune.data import load_examples, micro_batch, tokenize_dataset
-from plugtune.data.batching import collate
+from plugtune.data import load_examples, tokenize_dataset
+from plugtune.data.batching import batch_indices, grouped_batch_indices
+from plugtune.data.packing import choose_layout
 from plugtune.models.loading import LoadedModel, autocast_dtype, load_base, load_tokenizer
 from plugtune.training.loop import BatchSource, FitResult, IndexedBatches, ParamGroup, fit
 from plugtune.training.objectives import Objective
+from plugtune.training.speed import enable_gradient_checkpointing, set_threads
 
 
 @dataclass
@@ -79,29 +79,41 @@ def save_policy(cfg: RunConfig, loaded: LoadedModel, out: Path, name: str = "def
 
 
 def _prepare_sft(cfg: RunConfig, loaded: LoadedModel | None) -> Setup:
+    t, d = cfg.training, cfg.data
     tok = loaded.tokenizer if loaded is not None else load_tokenizer(cfg.model.name)
-    train_examples = load_examples(cfg.data.train, cfg.data.format, cfg.data.system_prompt)
-    train_items, stats = tokenize_dataset(tok, train_examples, cfg.data.max_length, cfg.data.overflow, cfg.data.train_on)
+    train_examples = load_examples(d.train, d.format, d.system_prompt)
+    train_items, stats = tokenize_dataset(tok, train_examples, d.max_length, d.overflow, d.train_on)
     print(f"[plugtune] train data: {stats.summary()}")
     if not train_items:
-        raise ValueError(f"{cfg.data.train}: no usable examples after tokenization ({stats.summary()})")
-    eval_batches = None
-    if cfg.data.eval:
-        eval_examples = load_examples(cfg.data.eval, cfg.data.format, cfg.data.system_prompt)
-        if cfg.data.eval_limit:
-            eval_examples = eval_examples[: cfg.data.eval_limit]
-        eval_items, eval_stats = tokenize_dataset(tok, eval_examples, cfg.data.max_length, cfg.data.overflow,
-                                                  cfg.data.train_on)
+        raise ValueError(f"{d.train}: no usable examples after tokenization ({stats.summary()})")
+    eval_items = None
+    if d.eval:
+        eval_examples = load_examples(d.eval, d.format, d.system_prompt)
+        if d.eval_limit:
+            eval_examples = eval_examples[: d.eval_limit]
+        eval_items, eval_stats = tokenize_dataset(tok, eval_examples, d.max_length, d.overflow, d.train_on)
         print(f"[plugtune] eval data: {eval_stats.summary()}")
-        bs = cfg.training.batch_size
-        eval_batches = [collate(eval_items[i:i + bs], tok.pad_token_id) for i in range(0, len(eval_items), bs)]
-    t = cfg.training
-    source = IndexedBatches(lambda i: micro_batch(train_items, i, t.batch_size, t.seed, tok.pad_token_id),
-                            len(train_items), t.batch_size, t.grad_accum)
-    torch.manual_seed(cfg.training.seed)  # adapter initialisation is part of the run's randomness
+    torch.manual_seed(t.seed)  # adapter initialisation is part of the run's randomness
     loaded = prepare_model(cfg, loaded)  # after the data: bad data fails before the model loads
+    # A micro-batch is batch_size examples either way (the same ones with or without packing, so the
+    # optimizer trajectory is unchanged); packing or grouping only changes how they are laid out.
+    layout = choose_layout(d.packing, d.group_by_length, loaded.model, d.packed_attention)
+    print(f"[plugtune] batches: {layout.note}")
+    pad, bs = tok.pad_token_id, t.batch_size
+    lengths = tuple(len(it.input_ids) for it in train_items)
+
+    def make_batch(i: int) -> dict:
+        chosen = grouped_batch_indices(lengths, i, bs, t.seed) if layout.group else batch_indices(len(lengths), i, bs, t.seed)
+        return layout.collate([train_items[j] for j in chosen], pad, d.max_length)
+
+    eval_batches = None
+    if eval_items:  # the eval loss is a sum over tokens: any order and layout give the same value
+        if layout.pack or layout.group:
+            eval_items = sorted(eval_items, key=lambda it: len(it.input_ids))
+        eval_batches = [layout.collate(eval_items[i:i + bs], pad, d.max_length) for i in range(0, len(eval_items), bs)]
+    source = IndexedBatches(make_batch, len(train_items), bs, t.grad_accum)
     return Setup(loaded, source, lambda out: save_policy(cfg, loaded, out), eval_batches=eval_batches,
-                 summary=stats.summary())
+                 summary=f"{stats.summary()}; {layout.note}")
 
 
 def _prepare_multitask(cfg: RunConfig, loaded: LoadedModel | None) -> Setup:
@@ -120,30 +132,61 @@ def _prepare_multitask(cfg: RunConfig, loaded: LoadedModel | None) -> Setup:
 def train(cfg: RunConfig, loaded: LoadedModel | None = None) -> TrainReport:
     """Train what `cfg` says: one adapter (or full fine-tuning) with next-token loss on data.train;
     several adapters at once in shared mixed batches (an `adapters:` section); or a reward model,
-    the DPO family, PPO or GRPO (`objective:`). One loop runs them all."""
+    the DPO family, PPO or GRPO (`objective:`). One loop runs them all.
+
+    Under torchrun every process calls this: each trains on its share of the data (distributed.py);
+    rank 0 alone writes checkpoints, logs, trackers and the artifact, the others wait for it."""
+    from plugtune.training.checkpoint import prepare_output, publish, write_json
+    from plugtune.training.distributed import full_params, shard_model, shard_source, start
+    from plugtune.training.tracking import check_names, make_tracker
+
     if not cfg.data.train and not cfg.adapters:
         raise ValueError("data.train is not set: pass a data file (e.g. data.train=my_data.jsonl)")
-    out = Path(cfg.output.dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    if cfg.adapters:
-        setup = _prepare_multitask(cfg, loaded)
-    elif cfg.objective == "sft":
-        setup = _prepare_sft(cfg, loaded)
-    else:
-        setup = importlib.import_module(_OBJECTIVE_MODULES[cfg.objective]).prepare(cfg, loaded)
-    model = setup.loaded.model
-    device = next(model.parameters()).device
-    result: FitResult = fit(model, setup.source, cfg.training, out, objective=setup.objective,
-                            eval_batches=setup.eval_batches, device=device,
-                            amp=autocast_dtype(cfg.model.dtype, device), resume=cfg.output.resume, groups=setup.groups)
-    artifact = setup.save(out)
-    method = "multitask" if cfg.adapters else cfg.method if cfg.objective == "sft" else f"{cfg.objective} ({cfg.method})"
-    report = TrainReport(
-        out_dir=str(out), artifact=str(artifact), method=method,
-        steps=result.steps, train_loss=result.train_loss, eval_loss=result.eval_loss,
-        train_seconds=result.train_seconds, tokens_per_second=result.tokens / max(result.train_seconds, 1e-9),
-        trainable_params=result.trainable_params, total_params=result.total_params,
-        peak_memory_mb=result.peak_memory_mb, data=setup.summary, eval_metrics=result.eval_metrics)
-    (out / "train_report.json").write_text(json.dumps(asdict(report), indent=2))
-    return report
+    check_names(cfg.training.report_to)
+    set_threads(cfg.training.threads)
+    config = to_dict(cfg)  # as given (before the per-process device below)
+    cfg, dist = start(cfg)
+    try:
+        out = Path(cfg.output.dir)
+        resuming = prepare_output(out, config, cfg.output.resume, cfg.output.overwrite, dist)
+        if cfg.adapters:
+            setup = _prepare_multitask(cfg, loaded)
+        elif cfg.objective == "sft":
+            setup = _prepare_sft(cfg, loaded)
+        else:
+            setup = importlib.import_module(_OBJECTIVE_MODULES[cfg.objective]).prepare(cfg, loaded)
+        model = setup.loaded.model
+        device = next(model.parameters()).device
+        if cfg.training.gradient_checkpointing:  # every objective: heads and adapters keep their gradients
+            enable_gradient_checkpointing(model)
+        if dist.mode == "fsdp":
+            shard_model(model, dist)
+            reference = getattr(setup.objective, "reference", None)
+            if isinstance(reference, torch.nn.Module):  # DPO's frozen copy (full fine-tuning)
+                shard_model(reference, dist)
+        source = shard_source(setup.source, dist, paired=cfg.objective in ("dpo", "reward"))
+        tracker = make_tracker(cfg.training.report_to, out, config, resuming) if dist.is_main else None
+        try:
+            result: FitResult = fit(model, source, cfg.training, out, objective=setup.objective,
+                                    eval_batches=setup.eval_batches, device=device,
+                                    amp=autocast_dtype(cfg.model.dtype, device), resume=cfg.output.resume,
+                                    groups=setup.groups, dist=dist, tracker=tracker, run_config=config)
+        finally:
+            if tracker is not None:
+                tracker.close()
+        with full_params(model, dist):  # FSDP: rank 0 gets full copies of the sharded weights
+            artifact = publish(setup.save, out) if dist.is_main else None
+        artifact = dist.broadcast_object(artifact)
+        method = "multitask" if cfg.adapters else cfg.method if cfg.objective == "sft" else f"{cfg.objective} ({cfg.method})"
+        report = TrainReport(
+            out_dir=str(out), artifact=str(artifact), method=method,
+            steps=result.steps, train_loss=result.train_loss, eval_loss=result.eval_loss,
+            train_seconds=result.train_seconds, tokens_per_second=result.tokens / max(result.train_seconds, 1e-9),
+            trainable_params=result.trainable_params, total_params=result.total_params,
+            peak_memory_mb=result.peak_memory_mb, data=setup.summary, eval_metrics=result.eval_metrics)
+        if dist.is_main:
+            write_json(out / "train_report.json", asdict(report))
+        dist.barrier()
+        return report
+    finally:
+        dist.close()
