@@ -89,8 +89,9 @@ def cmd_train(args) -> None:
 def cmd_generate(args) -> None:
     prompts = list(args.prompt or [])
     if args.prompts_file:
-        with open(args.prompts_file) as f:
-            prompts += [line.rstrip("\n") for line in f if line.strip()]
+        from plugtune.data.readers import text_lines
+
+        prompts += [line.rstrip("\r\n") for _, line in text_lines(args.prompts_file) if line.strip()]
     if not prompts:
         raise ValueError("give at least one --prompt or a --prompts-file")
     lm, per_row = _load_pool(args)
@@ -267,12 +268,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_combine_parser(adapters_sub)
     add_check_parser(adapters_sub)
     add_serve_parser(sub)
+    from plugtune.compare import add_compare_parser
+
+    add_compare_parser(sub)
 
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    from plugtune.adapters.io import AdapterMismatchError
+    """Run one command. Bad input (config, data, model or adapter files) prints one line and returns 2;
+    PLUGTUNE_DEBUG=1 re-raises it with its traceback."""
+    import os
+
+    from plugtune.adapters.io import AdapterFileError, AdapterMismatchError
     from plugtune.config import ConfigError
     from plugtune.data.formats import DataError
     from plugtune.training.loop import NonFiniteLossError
@@ -280,9 +288,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ConfigError, DataError, AdapterMismatchError, NonFiniteLossError, FileNotFoundError, ValueError,
-            KeyError) as exc:
-        print(f"plugtune {args.command}: error: {exc}", file=sys.stderr)
+    except (ConfigError, DataError, AdapterMismatchError, AdapterFileError, NonFiniteLossError, OSError, ValueError,
+            KeyError) as exc:  # OSError: a missing file, a directory given for a file, no permission, a full disk
+        if os.environ.get("PLUGTUNE_DEBUG"):
+            raise
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"plugtune {args.command}: error: {' '.join(str(message).split())}", file=sys.stderr)
         return 2
     return 0
 

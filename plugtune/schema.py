@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from typing import Any
@@ -21,6 +22,18 @@ def _suggest(key: str, valid: list[str]) -> str:
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
     hint = f" Did you mean '{close[0]}'?" if close else ""
     return f"{hint} Valid keys: {', '.join(sorted(valid))}."
+
+
+def _key(where: str, key: Any) -> str:
+    """'config' + 'training' -> 'config.training'; a file name is followed by a colon: 'run.yaml: training'."""
+    return f"{where}: {key}" if where.endswith((".yaml", ".yml", ".json")) else f"{where}.{key}"
+
+
+def _got(value: Any) -> str:
+    if value is None:
+        return "null (this key needs a value)"
+    text = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+    return f"{text} (a {type(value).__name__})" if isinstance(value, (str, list, tuple, dict)) else text
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
@@ -38,17 +51,17 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return _coerce(value, args[0], where)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{where}: expected a mapping of keys (a section), got {_got(value)}")
         return from_dict(tp, value, where)
     if tp is bool:
         if isinstance(value, bool):
             return value
         if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
             return value.lower() in ("true", "yes", "1")
-        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        raise ConfigError(f"{where}: expected true/false, got {_got(value)}")
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+            raise ConfigError(f"{where}: expected an integer, got {_got(value)}")
         return int(value)
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads '1e-4' (no dot) as a string
@@ -57,18 +70,24 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
+            raise ConfigError(f"{where}: expected a number, got {_got(value)}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
+            raise ConfigError(f"{where}: expected a string, got {_got(value)}")
         return str(value)
     if origin in (list, tuple):
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
+            raise ConfigError(f"{where}: expected a list, got {_got(value)}")
         args = typing.get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:  # tuple[float, float]: exactly two
+            if len(value) != len(args):
+                raise ConfigError(f"{where}: expected a list of {len(args)} values, got {_got(value)}")
+            return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
         inner = args[0] if args else Any
         items = [_coerce(v, inner, f"{where}[{i}]") if inner is not Any else v for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
@@ -76,10 +95,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if value is None:  # `adapter: null` (e.g. to clear it from the command line) means empty
             return {}
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{where}: expected a mapping of keys, got {_got(value)}")
         _, inner = typing.get_args(tp) or (str, Any)
         if dataclasses.is_dataclass(inner):  # e.g. adapters: {name: TaskConfig}
-            return {str(k): _coerce(v if v is not None else {}, inner, f"{where}.{k}") for k, v in value.items()}
+            return {str(k): _coerce(v if v is not None else {}, inner, _key(where, k)) for k, v in value.items()}
     return value  # Any / dict of plain values: taken as is, checked by whoever consumes it
 
 
@@ -90,9 +109,14 @@ def from_dict(cls: type, data: dict[str, Any], where: str = "config") -> Any:
     kwargs = {}
     for key, value in data.items():
         if key not in names:
-            raise ConfigError(f"{where}: unknown key '{key}'.{_suggest(key, names)}")
-        kwargs[key] = _coerce(value, hints[key], f"{where}.{key}")
-    return cls(**kwargs)
+            raise ConfigError(f"{where}: unknown key '{key}'.{_suggest(str(key), names)}")
+        kwargs[key] = _coerce(value, hints[key], _key(where, key))
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as exc:  # a dataclass's own checks in __post_init__ (e.g. LoRA's r >= 1)
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(f"{where}: {exc}") from exc
 
 
 def to_dict(obj: Any) -> dict[str, Any]:

@@ -1,5 +1,6 @@
 """End to end on the tiny model: plugtune train -> generate -> eval, full fine-tuning and LoRA."""
 import json
+import math
 import subprocess
 import sys
 
@@ -38,7 +39,13 @@ def test_train_generate_eval_with_lora(tmp_path, tiny_model_dir, data_file, caps
     assert main(["generate", "--model", str(tiny_model_dir), "--adapter", str(adapter), "--prompt", "what is 3",
                  "--max-new-tokens", "5", "--json"]) == 0
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert line["prompt"] == "what is 3" and isinstance(line["output"], str)
+    reference, tok = peft_reference(tiny_model_dir, adapter)
+    assert line == {"prompt": "what is 3", "output": hf_greedy(reference, tok, "what is 3", 5), "adapter": "default"}
+    # After 4 steps the chat answer is often empty (the end of turn comes first); a plain continuation is not.
+    assert main(["generate", "--model", str(tiny_model_dir), "--adapter", str(adapter), "--prompt", "what is 3",
+                 "--max-new-tokens", "5", "--raw"]) == 0
+    raw = hf_greedy(reference, tok, "what is 3", 5, chat=False)
+    assert capsys.readouterr().out.splitlines()[-1] == raw and raw.strip()
 
     assert main(["generate", "--model", str(tiny_model_dir), "--prompt", "hi", "--max-new-tokens", "4",
                  "--temperature", "0.8", "--top-p", "0.9", "--seed", "1"]) == 0
@@ -47,7 +54,41 @@ def test_train_generate_eval_with_lora(tmp_path, tiny_model_dir, data_file, caps
     assert main(["eval", "--model", str(tiny_model_dir), "--adapter", str(adapter), "--data", str(data_file),
                  "--exact-match", "--max-new-tokens", "3", "--limit", "8"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["total"] == 8 and 0 <= result["exact_match"] <= 1 and result["perplexity"] > 1
+    rows = [json.loads(l) for l in data_file.read_text().splitlines()[:8]]
+    answers = [hf_greedy(reference, tok, r["messages"][0]["content"], 3) for r in rows]
+    correct = sum(a.strip() == r["messages"][1]["content"] for a, r in zip(answers, rows))
+    assert (result["total"], result["correct"], result["exact_match"]) == (8, correct, correct / 8)
+    # The loss: PEFT's model on the same 8 examples in one batch, mean over the supervised tokens.
+    from plugtune.data import collate, load_examples, tokenize_dataset
+
+    items, _ = tokenize_dataset(tok, load_examples(data_file)[:8], 512)
+    with torch.no_grad():
+        loss = reference(**collate(items, tok.pad_token_id)).loss.item()
+    assert result["loss"] == pytest.approx(loss, rel=1e-4)
+    assert result["perplexity"] == pytest.approx(math.exp(loss), rel=1e-4)
+
+
+def peft_reference(model_dir, adapter):
+    """The trained adapter loaded by PEFT onto the base loaded by transformers: an independent reader."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), adapter).eval(), tok
+
+
+def hf_greedy(model, tok, user: str, max_new_tokens: int, chat: bool = True) -> str:
+    """transformers' own greedy generate on the chat prompt (or the plain text), stopping at the end of the turn."""
+    if chat:
+        text = tok.apply_chat_template([{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True)
+        enc = tok(text, add_special_tokens=False, return_tensors="pt")
+    else:
+        enc = tok(user, add_special_tokens=True, return_tensors="pt")
+    stops = [tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops,
+                             pad_token_id=tok.pad_token_id)
+    return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
 def test_resume_after_finished_run_is_a_no_op_and_keeps_checkpoints(tmp_path, tiny_model_dir, data_file):

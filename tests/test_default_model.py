@@ -40,7 +40,10 @@ def test_chatml_masking_on_the_real_tokenizer(default_model):
 
 def test_demo_pipeline_few_steps(tmp_path, default_model):
     from plugtune.adapters import load_adapter
+    from plugtune.data import load_examples
     from plugtune.demo import run_demo
+    from plugtune.evaluation import exact_match
+    from plugtune.inference.generate import GenerationConfig
     from plugtune.models import load_base
 
     result = run_demo(skill="dates", out=str(tmp_path / "demo"), steps=3, n_test=8,
@@ -49,7 +52,11 @@ def test_demo_pipeline_few_steps(tmp_path, default_model):
     assert 0 < result["trainable_pct"] < 2 and result["adapter_mb"] > 0
     report = json.loads((tmp_path / "demo" / "demo_report.json").read_text())
     assert report["accuracy_before"] == result["accuracy_before"]
-    # The saved adapter reloads onto a fresh base.
+    # The saved adapter, reloaded onto a fresh base, answers the test prompts exactly as the trained
+    # model did (same examples, same greedy settings as run_demo).
     fresh = load_base("smollm2-135m")
     load_adapter(fresh.model, result["adapter_dir"])
-    assert any("lora_A" in n for n, _ in fresh.model.named_parameters())
+    test = load_examples("plugtune:skills/dates_test.jsonl")[:8]
+    again = exact_match(fresh.model, fresh.tokenizer, test, GenerationConfig(max_new_tokens=24))
+    assert [s["generated"] for s in again.samples[:4]] == [s["after"] for s in result["samples"]]
+    assert again.accuracy == result["accuracy_after"]

@@ -2,6 +2,7 @@
 import torch
 
 from plugtune.adapters import adapter_state, attach_adapter
+from plugtune.data.tokenize import prompt_ids
 from plugtune.inference.generate import GenerationConfig, generate, generate_ids, sample_next
 from plugtune.models.tiny import build_model
 
@@ -45,8 +46,19 @@ def test_sampling_is_seeded_and_respects_top_k():
 def test_generate_text_stops_at_end_of_turn(tokenizer):
     model = build_model("llama", len(tokenizer))
     end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    with torch.no_grad():  # make <|im_end|> the most likely next token everywhere
-        model.lm_head.weight.data = model.lm_head.weight.data.clone()
+    embeddings = model.model.embed_tokens.weight.detach().clone()
+    with torch.no_grad():  # make <|im_end|> the most likely token after the prompt, in the output layer only
+        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())  # untie
         model.config.tie_word_embeddings = False
         model.lm_head.weight[end] += 100 * model.model.norm.weight.sign()
+    assert model.lm_head.weight is not model.model.embed_tokens.weight
+    assert torch.equal(model.model.embed_tokens.weight, embeddings)
+    prompt = prompt_ids(tokenizer, [{"role": "user", "content": "hi"}])
+    (free,) = generate_ids(model, [prompt], stop_ids=[0], pad_id=0, cfg=GenerationConfig(max_new_tokens=5))
+    assert free[0] == end and len(free) == 5  # <|im_end|> first; with nothing to stop at, five tokens
+    # Decoding skips special tokens, so "" alone would not show that generation stopped: count the
+    # forward passes too. Stopping at once is the prompt's pass only; not stopping would be five.
+    calls = []
+    model.register_forward_hook(lambda *_: calls.append(1))
     assert generate(model, tokenizer, ["hi"], GenerationConfig(max_new_tokens=5)) == [""]
+    assert len(calls) == 1

@@ -1,5 +1,6 @@
 """The demo data: reproducible, answers depend on the input, no test prompt in training."""
 import json
+import re
 
 import pytest
 
@@ -24,7 +25,12 @@ def test_split_is_clean_and_answers_vary(skill):
     assert len(test) == 100 and len(train) == 2000
     assert not {prompt(r) for r in test} & {prompt(r) for r in train}
     assert len({answer(r) for r in test}) >= 90  # not a constant the model could echo
-    assert all(answer(r) not in prompt(r) for r in test) or skill == "prices"
+    if skill == "prices":  # the answer is the price in the prompt, always with two decimals
+        shown = [re.search(r"\$(\d+(?:\.\d+)?)", prompt(r)).group(1) for r in test]
+        assert [answer(r) for r in test] == [f"{float(p):.2f}" for p in shown]
+        assert sum(p != answer(r) for p, r in zip(shown, test)) > 0  # some are not a copy: "12.5" -> "12.50"
+    else:
+        assert all(answer(r) not in prompt(r) for r in test)
 
 
 def test_date_answers_are_correct():
@@ -33,11 +39,19 @@ def test_date_answers_are_correct():
     from plugtune.data.skills import MONTHS, make_date
     import random
 
+    def ordinal(n):
+        return f"{n}{'th' if n in (11, 12, 13) else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
+
     rng = random.Random(0)
     for _ in range(200):
         prompt, answer = make_date(rng)
         day = datetime.date.fromisoformat(answer)
-        assert MONTHS[day.month - 1][:3] in prompt and str(day.year) in prompt and str(day.day) in prompt
+        d, y, name = day.day, day.year, MONTHS[day.month - 1]
+        # The whole date text, in one of the five styles the prompt may use: day, month and year each
+        # in their own place (a bare `str(day) in prompt` would also match digits of the year).
+        styles = {f"{name} {d}, {y}", f"{d} {name} {y}", f"the {ordinal(d)} of {name}, {y}", f"{name[:3]} {d} {y}",
+                  f"{ordinal(d)} {name} {y}"}
+        assert prompt.split(": ", 1)[1] in styles, prompt
 
 
 def _recompute_arith(start, steps):

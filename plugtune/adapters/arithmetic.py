@@ -21,9 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from plugtune.adapters.io import _PEFT_PREFIX, CONFIG_FILE, META_FILE, WEIGHTS_FILE, read_adapter_config
+from plugtune.adapters.io import (CONFIG_FILE, META_FILE, WEIGHTS_FILE, _PEFT_PREFIX, read_adapter_config,
+                                  read_adapter_weights)
 
 METHODS = ("linear", "svd", "ties", "ties_svd", "dare_linear", "dare_linear_svd", "dare_ties", "dare_ties_svd")
 _SIGN_ELECTING = ("ties", "dare_ties")
@@ -154,7 +155,7 @@ def _read_lora(path: str | Path) -> _Lora:
                          "path_initial_model_for_weight_conversion)")
     if not (path / WEIGHTS_FILE).is_file():
         raise FileNotFoundError(f"{path / WEIGHTS_FILE} is missing")
-    state = load_file(str(path / WEIGHTS_FILE))
+    state, _ = read_adapter_weights(path)
     factors, keys, extras = {}, {}, {}
     b_keys = {k for _, b in _PAIRS for k in state if k.endswith(b)}
     for key, t in state.items():

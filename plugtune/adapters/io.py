@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -20,15 +21,21 @@ from plugtune.adapters.layers import (adapter_layers, adapter_names, adapter_sta
                                       remove_adapter)
 from plugtune.adapters.registry import AdapterMethod, available_methods, get_method, method_from_saved
 from plugtune.adapters.modules_to_save import attach_modules_to_save, remove_modules_to_save
+from plugtune.models.loading import is_pickle
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
+PICKLE_WEIGHTS_FILE = "adapter_model.bin"  # PEFT before safetensors; read with torch.load(weights_only=True) only
 META_FILE = "plugtune_adapter.json"
 _PEFT_PREFIX = "base_model.model."
 
 
 class AdapterMismatchError(ValueError):
     """An adapter made for another base model."""
+
+
+class AdapterFileError(ValueError):
+    """An adapter file that cannot be read: damaged, truncated, or not what its name says."""
 
 
 def attach_adapter(model: nn.Module, method: str | AdapterMethod, cfg: Any = None, name: str = "default",
@@ -137,22 +144,87 @@ def save_adapter(model: nn.Module, out_dir: str | Path, name: str = "default", b
     return out
 
 
+def _read_json(file: Path) -> dict:
+    try:
+        value = json.loads(file.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AdapterFileError(f"{file} is not valid JSON ({exc}); it is damaged: save or copy the adapter "
+                               "again") from None
+    if not isinstance(value, dict):
+        raise AdapterFileError(f"{file} must hold a JSON object, got {type(value).__name__}; save or copy the "
+                               "adapter again")
+    return value
+
+
 def read_adapter_config(path: str | Path) -> dict:
     path = Path(path)
     cfg_file = path / CONFIG_FILE
+    if not path.is_dir():
+        what = "does not exist" if not path.exists() else "is a file, not a directory"
+        raise FileNotFoundError(f"adapter {path} {what}: pass the directory that holds {CONFIG_FILE} "
+                                f"and {WEIGHTS_FILE} (e.g. OUTPUT/adapter)")
     if not cfg_file.is_file():
         raise FileNotFoundError(f"{path} is not an adapter directory: {CONFIG_FILE} is missing")
+    return _read_json(cfg_file)
+
+
+def read_safetensors(file: str | Path, fix: str = "Write it again, or copy it again") -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file plugtune wrote (a router, a reward head, a checkpoint): a pickle
+    under that name is refused, never unpickled, and a damaged file is one clear error."""
+    file = Path(file)
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} is missing. {fix}")
+    if is_pickle(file):
+        raise AdapterFileError(f"{file} is a PyTorch pickle, not a safetensors file; plugtune never unpickles it. {fix}")
     try:
-        return json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{cfg_file} is not valid JSON: {exc}") from exc
+        return load_file(str(file))
+    except Exception as exc:  # safetensors' SafetensorError (not an OSError or ValueError) or an OSError
+        raise AdapterFileError(f"{file} is not a readable safetensors file ({exc}; {file.stat().st_size} bytes): it "
+                               f"is truncated or damaged. {fix}") from None
+
+
+def read_adapter_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], Path]:
+    """The tensors of the adapter saved in directory `path`, and the file they came from.
+
+    adapter_model.safetensors is read as safetensors only: a pickle under that name is refused,
+    never unpickled. PEFT's older adapter_model.bin is read with torch.load(weights_only=True),
+    which builds tensors and plain containers and runs no code from the file."""
+    path = Path(path)
+    file = path / WEIGHTS_FILE
+    if file.is_file():
+        if is_pickle(file):
+            raise AdapterFileError(
+                f"{file} is a PyTorch pickle, not a safetensors file; plugtune never unpickles a .safetensors file. "
+                f"Re-save the adapter with safetensors (PEFT: save_pretrained(..., safe_serialization=True)), or, "
+                f"if it is PEFT's old format from a source you trust, rename it {PICKLE_WEIGHTS_FILE}")
+        return read_safetensors(file, "Save the adapter again, or copy / download it again"), file
+    file = path / PICKLE_WEIGHTS_FILE
+    if not file.is_file():
+        raise FileNotFoundError(f"{path}: the adapter's weights are missing (neither {WEIGHTS_FILE} nor "
+                                f"{PICKLE_WEIGHTS_FILE}); copy the weights file next to {CONFIG_FILE}")
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        reason = str(exc).strip().splitlines()[0]
+        raise AdapterFileError(
+            f"{file} holds Python objects other than tensors, so plugtune will not load it (torch.load with "
+            f"weights_only=True refused: {reason}). Where you trust the file, load it and re-save the tensors "
+            f"with safetensors as {WEIGHTS_FILE}") from None
+    except Exception as exc:  # a damaged zip archive, an empty file
+        raise AdapterFileError(f"{file} is not a readable PyTorch file ({exc}): it is truncated or damaged. Save "
+                               "the adapter again, or copy / download it again") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                               for k, v in state.items()):
+        raise AdapterFileError(f"{file} does not hold a {{name: tensor}} dictionary (got {type(state).__name__}); "
+                               "it is not an adapter's weights file")
+    return state, file
 
 
 def check_base(model: nn.Module, path: Path, force: bool = False) -> None:
     meta_file = path / META_FILE
     if force or not meta_file.is_file():  # adapters made by PEFT carry no fingerprint
         return
-    meta = json.loads(meta_file.read_text())
+    meta = _read_json(meta_file)
     want, have = meta.get("base_fingerprint", {}), base_fingerprint(model)
     if want.get("config_hash") != have["config_hash"]:
         raise AdapterMismatchError(
@@ -173,10 +245,7 @@ def load_adapter(model: nn.Module, path: str | Path, name: str = "default", forc
     saved = read_adapter_config(path)
     check_base(model, path, force)
     method, cfg = method_from_saved(saved)
-    weights_file = path / WEIGHTS_FILE
-    if not weights_file.is_file():
-        raise FileNotFoundError(f"{weights_file} is missing")
-    saved_state = load_file(str(weights_file))
+    saved_state, weights_file = read_adapter_weights(path)  # read before attaching: a bad file changes nothing
     attach_adapter(model, method, cfg, name=name, trainable=trainable)
     try:
         _copy_saved_weights(model, method, name, saved_state, weights_file)

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from plugtune.data.batching import collate, epoch_order
-from plugtune.data.formats import _ROLES, DataError, _require_str, read_records
+from plugtune.data.formats import _ROLES, DataError, _require_str, check_size, read_records
 from plugtune.data.templates import assistant_spans, ensure_chat_template, tokenize_segments
 from plugtune.data.tokenize import IGNORE_INDEX, Tokenized, TokenizeStats, prompt_ids
 
@@ -96,7 +96,10 @@ def _turns(value: Any, where: str, name: str) -> Messages:
         role = _require_str(turn, "role", at)
         if role not in _ROLES:
             raise DataError(f"{at}: unknown role '{role}' (expected one of {', '.join(_ROLES)})")
-        out.append({"role": role, "content": _require_str(turn, "content", at)})
+        content = _require_str(turn, "content", at)
+        if role == "user" and not content.strip():
+            raise DataError(f"{at}: the user turn's 'content' is empty; fill it in or remove the record")
+        out.append({"role": role, "content": content})
     return out
 
 
@@ -106,6 +109,7 @@ def _field(record: dict, name: str, where: str, role: str) -> Messages:
         raise DataError(f"{where}: missing field '{name}'")
     value = record[name]
     if isinstance(value, str):
+        check_size(value, where, name)
         if not value.strip():
             raise DataError(f"{where}: field '{name}' is empty; give it some text or remove the record")
         return [{"role": role, "content": value}]
@@ -150,7 +154,8 @@ def _split_implicit(chosen: Messages, rejected: Messages, where: str) -> tuple[M
         raise DataError(f"{where}: implicit pair: 'chosen' and 'rejected' share no first turn, so there is no "
                         "prompt; both must start with the same conversation (or give a 'prompt' field)")
     if chosen == rejected:
-        raise DataError(f"{where}: 'chosen' is identical to 'rejected'; the pair carries no preference")
+        raise DataError(f"{where}: 'chosen' is identical to 'rejected'; the pair carries no preference: fix one "
+                        "of them or remove the record")
     if chosen[n - 1]["role"] != "user":
         raise DataError(f"{where}: implicit pair: the shared prefix of 'chosen' and 'rejected' (turns 0..{n - 1}) "
                         f"ends with a '{chosen[n - 1]['role']}' turn, not a user turn; they must differ from the "
@@ -197,15 +202,18 @@ def parse_preference(record: Any, fmt: str, where: str) -> PreferencePair | Unpa
     _check_completion(chosen, where, "chosen")
     _check_completion(rejected, where, "rejected")
     if chosen == rejected:
-        raise DataError(f"{where}: 'chosen' is identical to 'rejected'; the pair carries no preference")
+        raise DataError(f"{where}: 'chosen' is identical to 'rejected'; the pair carries no preference: fix one "
+                        "of them or remove the record")
     return PreferencePair(_with_system(record, prompt, where), chosen, rejected, _margin(record, where), where)
 
 
-def load_preferences(path: str | Path, fmt: str = "auto") -> list[PreferencePair] | list[UnpairedExample]:
-    """Pairs (paired / implicit files) or unpaired examples; one format per file."""
-    records = read_records(path)
+def load_preferences(path: str | Path, fmt: str = "auto",
+                     split: str | None = None) -> list[PreferencePair] | list[UnpairedExample]:
+    """Pairs (paired / implicit files) or unpaired examples; one format per file. Any file readers.py
+    reads (JSONL, JSON, CSV, Parquet, a saved `datasets` dataset)."""
+    records = read_records(path, split)
     if not records:
-        raise DataError(f"{path}: no records")
+        raise DataError(f"{path}: no records (the file is empty)")
     auto = fmt == "auto"
     if auto:
         where, first = records[0]
@@ -242,7 +250,7 @@ def load_prompts(path: str | Path, tokenizer) -> list[PromptItem]:
         meta = {k: v for k, v in record.items() if k not in ("prompt", "system")}
         items.append(PromptItem(prompt_ids(tokenizer, prompt), meta))
     if not items:
-        raise DataError(f"{path}: no records")
+        raise DataError(f"{path}: no records (the file is empty)")
     return items
 
 
@@ -252,7 +260,13 @@ def load_prompts(path: str | Path, tokenizer) -> list[PromptItem]:
 def _tokenize_turns(tokenizer, prompt: Messages, completion: Messages, where: str) -> tuple[list[int], list[int], int]:
     """ids, labels and prompt length of prompt+completion rendered as one conversation."""
     ensure_chat_template(tokenizer)
-    text, spans = assistant_spans(tokenizer, prompt + completion)
+    from jinja2 import TemplateError  # transformers renders chat templates with jinja2
+
+    try:
+        text, spans = assistant_spans(tokenizer, prompt + completion)
+    except TemplateError as exc:  # e.g. "roles must alternate user/assistant"
+        raise DataError(f"{where}: the tokenizer's chat template cannot render this conversation ({exc}); reorder "
+                        "or merge its turns as the template expects") from exc
     history = sum(m["role"] == "assistant" for m in prompt)  # assistant turns in the prompt are context only
     ids, inside = tokenize_segments(tokenizer, text, spans[history:])
     labels = [t if flag else IGNORE_INDEX for t, flag in zip(ids, inside)]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from plugtune.data.formats import Example
+from plugtune.data.formats import DataError, Example
 from plugtune.data.templates import assistant_spans, ensure_chat_template, render, tokenize_segments
 
 IGNORE_INDEX = -100
@@ -25,12 +25,14 @@ class TokenizeStats:
     dropped_no_labels: int = 0
     max_tokens: int = 0
     supervised_tokens: int = 0
+    unanswered: int = 0  # conversations that ended with a user turn; that turn was dropped (formats.normalise)
     notes: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
-        return (f"{self.kept}/{self.examples} examples kept, {self.truncated} truncated, "
+        text = (f"{self.kept}/{self.examples} examples kept, {self.truncated} truncated, "
                 f"{self.dropped_too_long} dropped as too long, {self.dropped_no_labels} dropped with no "
                 f"trainable tokens; longest {self.max_tokens} tokens; {self.supervised_tokens} supervised tokens")
+        return "; ".join([text, *self.notes])
 
 
 def tokenize_example(tokenizer, example: Example, train_on: str = "responses") -> Tokenized:
@@ -40,7 +42,15 @@ def tokenize_example(tokenizer, example: Example, train_on: str = "responses") -
             ids = ids + [tokenizer.eos_token_id]
         return Tokenized(ids, list(ids))
     ensure_chat_template(tokenizer)
-    text, spans = assistant_spans(tokenizer, example.messages)
+    from jinja2 import TemplateError  # transformers renders chat templates with jinja2
+
+    try:
+        text, spans = assistant_spans(tokenizer, example.messages)
+    except (TemplateError, ValueError) as exc:  # e.g. a template's "roles must alternate user/assistant"
+        where = f"{example.where}: " if example.where else ""
+        raise DataError(f"{where}the tokenizer's chat template cannot render this conversation ({exc}); reorder or "
+                        "merge its turns as the template expects (often: system first, then user and assistant "
+                        "alternating)") from exc
     ids, inside = tokenize_segments(tokenizer, text, spans)
     if train_on == "all":
         labels = list(ids)
@@ -53,7 +63,11 @@ def tokenize_dataset(tokenizer, examples: list[Example], max_length: int, overfl
                      train_on: str = "responses") -> tuple[list[Tokenized], TokenizeStats]:
     stats = TokenizeStats(examples=len(examples))
     out = []
+    first_unanswered = None
     for index, ex in enumerate(examples):
+        if ex.unanswered_turns:
+            stats.unanswered += 1
+            first_unanswered = first_unanswered or ex.where
         tok = tokenize_example(tokenizer, ex, train_on)
         tok.source = index
         stats.max_tokens = max(stats.max_tokens, len(tok.input_ids))
@@ -71,6 +85,11 @@ def tokenize_dataset(tokenizer, examples: list[Example], max_length: int, overfl
         stats.supervised_tokens += n_supervised
         out.append(tok)
     stats.kept = len(out)
+    if stats.unanswered:
+        at = f" (the first at {first_unanswered})" if first_unanswered else ""
+        n = stats.unanswered
+        stats.notes.append(f"{n} conversation{'s' * (n != 1)} ended with a user turn that has no answer; that turn "
+                           f"was dropped{at}")
     return out, stats
 
 

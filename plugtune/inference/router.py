@@ -22,10 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
-from plugtune.adapters.io import AdapterMismatchError, base_fingerprint
+from plugtune.adapters.io import AdapterMismatchError, base_fingerprint, read_safetensors
 from plugtune.adapters.layers import adapters_disabled
 from plugtune.data.tokenize import prompt_ids
 from plugtune.models.causal_lm import hidden_states
@@ -156,7 +156,7 @@ def load_router(path: str | Path, model: nn.Module, known: list[str] | None = No
         raise FileNotFoundError(f"{path} is not a router directory: it needs {META} and {TENSORS} "
                                 "(written by plugtune train with an `adapters:` section, or Router.save)")
     meta = json.loads((path / META).read_text())
-    tensors = load_file(str(path / TENSORS))
+    tensors = read_safetensors(path / TENSORS, "Build the router again (multi-task training writes it)")
     if not force and meta.get("base_fingerprint") and meta["base_fingerprint"] != base_fingerprint(model):
         raise AdapterMismatchError(f"the router in {path} was built on another base model; its features would not "
                                    "mean anything here. Rebuild it on this base, or pass force=True")

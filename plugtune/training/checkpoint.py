@@ -24,8 +24,10 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
+
+from plugtune.adapters.io import read_safetensors
 
 WEIGHTS = "trainable.safetensors"
 OPTIMIZER = "optimizer.pt"
@@ -216,7 +218,7 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
 
     d = _dist(d)
     state = json.loads((path / STATE).read_text())
-    weights = load_file(str(path / WEIGHTS))
+    weights = read_safetensors(path / WEIGHTS, "Resume from an earlier checkpoint (output.resume=DIR) or start afresh")
     params = dict(model.named_parameters())
     trainable = {n for n, p in params.items() if p.requires_grad}
     if set(weights) != trainable:
@@ -226,14 +228,14 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     with torch.no_grad():
         for name, value in weights.items():
             params[name].copy_(like_param(value.to(params[name].dtype), params[name]))
-    _load_optimizer(optimizer, torch.load(path / OPTIMIZER, map_location="cpu", weights_only=False))
-    rng = _own(torch.load(path / RNG, weights_only=False), d.rank, "random state", path)
+    _load_optimizer(optimizer, torch.load(path / OPTIMIZER, map_location="cpu", weights_only=True))
+    rng = _own(torch.load(path / RNG, weights_only=True), d.rank, "random state", path)
     torch.set_rng_state(rng["torch"])
     random.setstate(rng["python"])
     if rng["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
     if (path / STATEFUL).is_file():
-        saved = _own(torch.load(path / STATEFUL, map_location="cpu", weights_only=False), d.rank, "data/objective state",
+        saved = _own(torch.load(path / STATEFUL, map_location="cpu", weights_only=True), d.rank, "data/objective state",
                      path)
         for key, obj in (stateful or {}).items():
             if key in saved and hasattr(obj, "load_state_dict"):
@@ -276,28 +278,16 @@ RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "loss_curve.png", "train_report.j
                "mlruns", "wandb")
 
 
-def prepare_output(out: Path, config: dict, resume: str, overwrite: bool, d=None) -> bool:
-    """Before training in `out`: with `overwrite`, remove a previous run's checkpoints and logs; with
-    resume=auto and checkpoints present, refuse if they were made with a config that differs in a key
-    that changes training (`config_differences`). Writes config.yaml. Returns whether the run resumes.
-    Rank 0 decides and writes; every rank raises the same error."""
+def check_output(out: Path, config: dict, resume: str, overwrite: bool, d=None) -> bool:
+    """Before anything is read or written: whether the run in `out` resumes, and, with resume=auto and
+    checkpoints present, refuse if they were made with a config that differs in a key that changes
+    training (`config_differences`). Reads only. Rank 0 decides; every rank raises the same error."""
     from plugtune.schema import ConfigError
 
     d = _dist(d)
-    root = out / "checkpoints"
     decision: tuple[bool, str | None] = (False, None)
     if d.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        if overwrite:
-            for name in RUN_OUTPUTS:
-                path = out / name
-                if path.is_dir():
-                    shutil.rmtree(path)
-                elif path.exists():
-                    path.unlink()
-        for stale in out.glob(TMP_PREFIX + "*"):  # an artifact write a crash interrupted
-            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink()
-        found = list_checkpoints(root)
+        found = [] if overwrite else list_checkpoints(out / "checkpoints")
         resuming = resume != "never" and (resume != "auto" or bool(found))
         error = None
         if resume == "auto" and found:
@@ -312,17 +302,35 @@ def prepare_output(out: Path, config: dict, resume: str, overwrite: bool, d=None
                 error = (f"output.dir={out} holds checkpoints of a run with another config, and output.resume=auto "
                          f"would continue it with this one. Differences: {'; '.join(diffs)}. Use another output.dir, "
                          "or set output.overwrite=true to start afresh (removes that run's checkpoints and logs)")
-        if error is None:
-            import yaml
-
-            tmp = out / f"{TMP_PREFIX}config.yaml"
-            tmp.write_text(yaml.safe_dump(config, sort_keys=False))
-            os.replace(tmp, out / "config.yaml")
         decision = (resuming, error)
     resuming, error = d.broadcast_object(decision)
     if error:
         raise ConfigError(error)
     return resuming
+
+
+def write_output(out: Path, config: dict, overwrite: bool, d=None) -> None:
+    """Once the data and the model have loaded (bad input has failed by then, leaving `out` alone): with
+    `overwrite`, remove a previous run's checkpoints and logs; clear stale temporary files; write
+    config.yaml. Rank 0 only."""
+    d = _dist(d)
+    if d.is_main:
+        import yaml
+
+        out.mkdir(parents=True, exist_ok=True)
+        if overwrite:
+            for name in RUN_OUTPUTS:
+                path = out / name
+                if path.is_dir():
+                    shutil.rmtree(path)
+                elif path.exists():
+                    path.unlink()
+        for stale in out.glob(TMP_PREFIX + "*"):  # an artifact write a crash interrupted
+            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink()
+        tmp = out / f"{TMP_PREFIX}config.yaml"
+        tmp.write_text(yaml.safe_dump(config, sort_keys=False))
+        os.replace(tmp, out / "config.yaml")
+    d.barrier()
 
 
 def publish(save: Callable[[Path], Path], out: Path) -> Path:

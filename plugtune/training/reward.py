@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from plugtune.adapters import adapter_layers, adapter_state, base_fingerprint, load_adapter, save_adapter
@@ -50,6 +50,7 @@ from plugtune.models.heads import ScalarHead, attach_head, last_token
 from plugtune.models.loading import LoadedModel, load_base, load_tokenizer
 from plugtune.training.losses.preference import bradley_terry_loss
 from plugtune.training.pairs import pair_hidden, plan
+from plugtune.adapters.io import read_safetensors
 
 HEAD = "reward_head"  # the head's module name on the model while it trains
 HEAD_WEIGHTS, HEAD_META = "reward_head.safetensors", "reward_head.json"
@@ -253,7 +254,7 @@ def load_reward_model(path: str | Path, model: nn.Module | LoadedModel | str | N
 
 
 def _load_head(path: Path, meta: dict, model: nn.Module) -> ScalarHead:
-    state = load_file(str(path / HEAD_WEIGHTS))
+    state = read_safetensors(path / HEAD_WEIGHTS, "Train the reward model again, or copy its directory again")
     hidden = model.get_input_embeddings().weight.shape[1]
     if hidden != meta["hidden_size"] or tuple(state["weight"].shape) != (1, hidden):
         raise ValueError(f"{path}: the reward head reads {meta['hidden_size']}-wide hidden states; this model's are "

@@ -17,7 +17,7 @@ from plugtune.config import RunConfig, to_dict
 from plugtune.data import load_examples, tokenize_dataset
 from plugtune.data.batching import batch_indices, grouped_batch_indices
 from plugtune.data.packing import choose_layout
-from plugtune.models.loading import LoadedModel, autocast_dtype, load_base, load_tokenizer
+from plugtune.models.loading import LoadedModel, autocast_dtype, check_max_length, load_base, load_tokenizer
 from plugtune.training.loop import BatchSource, FitResult, IndexedBatches, ParamGroup, fit
 from plugtune.training.objectives import Objective
 from plugtune.training.speed import enable_gradient_checkpointing, set_threads
@@ -93,6 +93,8 @@ def _prepare_sft(cfg: RunConfig, loaded: LoadedModel | None) -> Setup:
             eval_examples = eval_examples[: d.eval_limit]
         eval_items, eval_stats = tokenize_dataset(tok, eval_examples, d.max_length, d.overflow, d.train_on)
         print(f"[plugtune] eval data: {eval_stats.summary()}")
+    longest = max(stats.max_tokens, eval_stats.max_tokens if eval_items is not None else 0)
+    check_max_length(loaded.path if loaded is not None else cfg.model.name, d.max_length, longest)
     torch.manual_seed(t.seed)  # adapter initialisation is part of the run's randomness
     loaded = prepare_model(cfg, loaded)  # after the data: bad data fails before the model loads
     # A micro-batch is batch_size examples either way (the same ones with or without packing, so the
@@ -136,7 +138,7 @@ def train(cfg: RunConfig, loaded: LoadedModel | None = None) -> TrainReport:
 
     Under torchrun every process calls this: each trains on its share of the data (distributed.py);
     rank 0 alone writes checkpoints, logs, trackers and the artifact, the others wait for it."""
-    from plugtune.training.checkpoint import prepare_output, publish, write_json
+    from plugtune.training.checkpoint import check_output, publish, write_json, write_output
     from plugtune.training.distributed import full_params, shard_model, shard_source, start
     from plugtune.training.tracking import check_names, make_tracker
 
@@ -148,13 +150,14 @@ def train(cfg: RunConfig, loaded: LoadedModel | None = None) -> TrainReport:
     cfg, dist = start(cfg)
     try:
         out = Path(cfg.output.dir)
-        resuming = prepare_output(out, config, cfg.output.resume, cfg.output.overwrite, dist)
+        resuming = check_output(out, config, cfg.output.resume, cfg.output.overwrite, dist)
         if cfg.adapters:
             setup = _prepare_multitask(cfg, loaded)
         elif cfg.objective == "sft":
             setup = _prepare_sft(cfg, loaded)
         else:
             setup = importlib.import_module(_OBJECTIVE_MODULES[cfg.objective]).prepare(cfg, loaded)
+        write_output(out, config, cfg.output.overwrite, dist)  # only now: bad data never touches `out`
         model = setup.loaded.model
         device = next(model.parameters()).device
         if cfg.training.gradient_checkpointing:  # every objective: heads and adapters keep their gradients
