@@ -27,6 +27,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -78,7 +79,9 @@ class ServerProcess:
                "--max-tokens", str(max(max_tokens, 16)), "--max-concurrent", "256", "--log-level", "warning",
                *[a for i, d in enumerate(adapters) for a in ("--adapter", f"s{i}={d}")]]
         env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-        self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        # The server's log goes to a file, not a pipe nobody reads (a full pipe would block the server).
+        self.log = tempfile.TemporaryFile(mode="w+")
+        self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=self.log, text=True)
         self.url = f"http://127.0.0.1:{self.port}"
         self.samples: list[tuple[float, float]] = []  # (time, RSS MB)
         self._stop = threading.Event()
@@ -89,7 +92,8 @@ class ServerProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited:\n{self.proc.stderr.read()}")
+                self.log.seek(0)
+                raise RuntimeError(f"server exited:\n{self.log.read()}")
             try:
                 if httpx.get(self.url + "/health", timeout=1).status_code == 200:
                     threading.Thread(target=self._sample, daemon=True).start()

@@ -31,6 +31,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from plugtune.data.tokenize import prompt_ids
 from plugtune.inference.pool import AUTO, LanguageModel
@@ -105,10 +106,13 @@ def _error_response(err: APIError) -> JSONResponse:
 async def read_body(request: Request, model: type[BaseModel], limit: int):
     """The JSON body validated as `model`; the size limit holds for chunked bodies too."""
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise _too_large(limit)
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise _too_large(limit)
+    except ClientDisconnect:  # hung up while sending: nobody to answer, and not our error (no 500, no traceback)
+        raise APIError(499, "client closed the request") from None
     try:
         data = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
