@@ -86,14 +86,17 @@ class ServerProcess:
         self.samples: list[tuple[float, float]] = []  # (time, RSS MB)
         self._stop = threading.Event()
 
+    def log_text(self) -> str:
+        self.log.seek(0)
+        return self.log.read()
+
     def wait_ready(self, timeout: float = 600) -> None:
         import httpx
 
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                self.log.seek(0)
-                raise RuntimeError(f"server exited:\n{self.log.read()}")
+                raise RuntimeError(f"server exited:\n{self.log_text()}")
             try:
                 if httpx.get(self.url + "/health", timeout=1).status_code == 200:
                     threading.Thread(target=self._sample, daemon=True).start()

@@ -85,7 +85,10 @@ class StressServer(ServerProcess):
         self.url = f"http://127.0.0.1:{self.port}"
         self.samples: list[tuple[float, float]] = []  # (time, RSS MB), every 0.2 s from wait_ready on
         self._stop = threading.Event()
-        self.log: list[str] = []
+        self.log: list[str] = []  # stderr lines (log_text joins them)
+
+    def log_text(self) -> str:
+        return "".join(self.log)
 
     def wait_ready(self, timeout: float = 600) -> None:
         super().wait_ready(timeout)
