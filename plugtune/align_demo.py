@@ -38,12 +38,14 @@ METHODS = ("dpo", "grpo", "ppo")
 @dataclass
 class AlignDemoSettings:
     n_eval: int = 64  # held-out prompts scored for strict compliance
-    n_sample_prompts: int = 48  # training prompts sampled for on-policy pairs
+    n_sample_prompts: int = 64  # training prompts sampled for on-policy pairs
     samples: int = 4  # answers sampled per prompt (the checker picks chosen and rejected among them)
+    min_gap: float = 0.1  # a pair needs this much more (shaped) reward for chosen than for rejected
     max_new_tokens: int = 48
-    temperature: float = 0.9
-    dpo_steps: int = 24
-    reward_steps: int = 24
+    temperature: float = 1.0
+    dpo_steps: int = 16
+    dpo_lr: float = 3e-4
+    reward_steps: int = 12
     grpo_steps: int = 12
     ppo_steps: int = 12
     n_chat: int = 64  # general-chat conversations for the forgetting measure
@@ -55,7 +57,8 @@ def _messages(record: dict) -> list[dict]:
 
 def on_policy_pairs(lm: LanguageModel, records: list[dict], s: AlignDemoSettings) -> list[dict]:
     """k sampled answers per prompt; chosen = the best by the checker's shaped reward, rejected = the
-    worst, kept only when the checker prefers one (strictly)."""
+    worst, kept when the checker prefers chosen by at least `min_gap` (compliant beats non-compliant
+    by 0.5 or more; among non-compliant answers the graded credit decides)."""
     prompts = [_messages(r) for r in records for _ in range(s.samples)]
     gen = GenerationConfig(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=0.95, seed=0)
     answers = lm.generate(prompts, None, gen, batch_size=64)
@@ -64,7 +67,7 @@ def on_policy_pairs(lm: LanguageModel, records: list[dict], s: AlignDemoSettings
     for i, record in enumerate(records):
         group = list(zip(rewards[i * s.samples:(i + 1) * s.samples], answers[i * s.samples:(i + 1) * s.samples]))
         best, worst = max(group, key=lambda x: x[0]), min(group, key=lambda x: x[0])
-        if best[0] > worst[0] and best[1] != worst[1]:
+        if best[0] >= worst[0] + s.min_gap and best[1] != worst[1]:
             pairs.append({"prompt": _messages(record), "chosen": [{"role": "assistant", "content": best[1]}],
                           "rejected": [{"role": "assistant", "content": worst[1]}]})
     return pairs
@@ -137,10 +140,12 @@ def run_align_demo(model: str | None = None, out: str = "runs/align", settings: 
     artifacts = {}
     artifacts["dpo"], times["dpo"] = _train("dpo", common + [
         f"data.train={pairs_file}", "data.eval=", f"output.dir={out_dir / 'dpo'}", f"training.max_steps={s.dpo_steps}",
-        "adapter.r=16", "adapter.alpha=32", "training.lr=5e-4", "training.warmup_steps=2", "training.eval_every=0"], base)
+        "adapter.r=16", "adapter.alpha=32", f"training.lr={s.dpo_lr}", "training.warmup_steps=2",
+        "training.eval_every=0", "dpo.precompute_ref=true"], base)
     reward_dir, times["reward_model"] = _train("reward", common + [
         f"data.train={pairs_file}", "data.eval=", f"output.dir={out_dir / 'reward'}",
-        f"training.max_steps={s.reward_steps}", "training.eval_every=0"], base)
+        f"training.max_steps={s.reward_steps}", "training.eval_every=0", "training.warmup_steps=2",
+        "training.lr=5e-4"], base)
     artifacts["grpo"], times["grpo"] = _train("grpo", common + [
         f"output.dir={out_dir / 'grpo'}", f"training.max_steps={s.grpo_steps}"], base)
     artifacts["ppo"], times["ppo"] = _train("ppo", common + [

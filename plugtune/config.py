@@ -115,6 +115,7 @@ class DPOConfig:
     label_smoothing: float = 0.0  # cdpo's epsilon
     simpo_gamma: float = 0.5  # SimPO's target margin (the paper's gamma)
     orpo_lambda: float = 0.1
+    rpo_alpha: float = 0.0  # > 0: add alpha x the chosen answer's NLL per token (RPO, Pang et al. 2024; TRL's rpo_alpha)
     precompute_ref: bool = False  # compute the reference log-probs once before training and cache them
     max_prompt_length: int = 0  # 0: no separate prompt limit
 

@@ -93,12 +93,35 @@ def test_rewards_and_accuracies():
     one = {"constraints": [{"type": "title", "kwargs": {}}]}
     records = [two, two, two, one, one]
     responses = ["all good here", "all good, here", "All good, here", "<<t>> x", "no title"]
-    assert compliance_reward(records, responses) == [1.0, 0.25, 0.0, 1.0, 0.0]
+    assert compliance_reward(records, responses, graded=False) == [1.0, 0.25, 0.0, 1.0, 0.0]
+    # graded: "all good, here" holds lowercase (1) and has 1 comma (0.9 x 4/5); "All good, here": 10 of 11
+    # letters lowercase (0.9 x 10/11) and the comma; "no title": no "<<" (0)
+    assert compliance_reward(records, responses) == pytest.approx(
+        [1.0, 0.5 * (1 + 0.9 * 0.8) / 2, 0.5 * (0.9 * 10 / 11 + 0.9 * 0.8) / 2, 1.0, 0.0])
     assert strict_accuracy(records, responses) == pytest.approx(2 / 5)
     by_type = accuracy_by_type(records, responses)
     assert by_type == pytest.approx({"lowercase": 2 / 3, "no_commas": 1 / 3, "title": 1 / 2})
     with pytest.raises(ValueError):
         compliance_reward(records, responses[:2])
+
+
+@pytest.mark.parametrize("kind,kwargs,close,far", [
+    ("bullets", {"n": 3}, "* a\n* b", "no list"),
+    ("lowercase", {}, "mostly lowercase Text", "SHOUTING TEXT"),
+    ("uppercase", {}, "MOSTLY UPPER text", "quiet text"),
+    ("max_words", {"n": 5}, "one two three four five six", "one two three four five six seven eight nine"),
+    ("min_words", {"n": 10}, "one two three four five six seven", "one"),
+    ("json_keys", {"keys": ["a", "b"]}, '{"a": "x"}', "plain text"),
+    ("ends_with", {"phrase": "the end"}, "the end is near", "nothing here"),
+    ("keyword", {"word": "water", "count": 3}, "water and water", "no keyword"),
+    ("no_commas", {}, "one, two", "a, b, c, d, e, f"),
+    ("title", {}, "<<not closed", "no title"),
+])
+def test_partial_credit_orders_failing_answers(kind, kwargs, close, far):
+    record = {"constraints": [{"type": kind, "kwargs": kwargs}]}
+    assert not check_response(record, close)[0] and not check_response(record, far)[0]
+    near, away = compliance_reward([record, record], [close, far])
+    assert 0.45 >= near > away >= 0.0  # below 0.5: any compliant answer (1.0) beats it
 
 
 def test_shipped_files_are_the_generator_output():

@@ -29,9 +29,9 @@ generation leaves is ignored where stated):
 - title: a non-blank "<<...>>" on one line anywhere.
 
 Scores: `strict_accuracy` is IFEval's prompt-level strict accuracy (all constraints or nothing).
-`compliance_reward` is the shaped training reward: 1.0 when all hold, else 0.5 x the fraction that
-hold, so any fully compliant answer beats every partial one while a 2-constraint prompt still gives
-GRPO a signal when no sample satisfies both.
+`compliance_reward` is the shaped training reward: 1.0 when all hold, else 0.5 x the mean credit of
+the constraints (1 for one that holds, 0.9 x a graded closeness for one that does not), so any fully
+compliant answer beats every partial one while samples that all fail still differ in reward.
 
 The split holds out whole topics: no test topic (nor therefore any test prompt) occurs in training.
 Constraint types and their parameter pools are shared, so the test measures compliance on new
@@ -118,6 +118,39 @@ CHECKERS = {
 }
 
 
+# ---- partial credit: how close a failing response came, in [0, 1] (for the shaped reward only) ----
+
+def _letters_share(response: str, upper: bool) -> float:
+    letters = [c for c in response if c.isalpha()]
+    return sum(c.isupper() == upper for c in letters) / len(letters) if letters else 0.0
+
+
+def _json_closeness(response: str, keys: list[str]) -> float:
+    text = response.strip()
+    fenced = _FENCE.fullmatch(text)
+    try:
+        obj = json.loads(fenced.group(1) if fenced else text)
+    except ValueError:
+        return 0.25 if text.startswith(("{", "```")) else 0.0
+    if not isinstance(obj, dict):
+        return 0.25
+    return 0.5 + 0.5 * sum(obj.get(k) not in (None, "", [], {}) for k in keys) / len(keys)
+
+
+PARTIAL = {
+    "bullets": lambda r, n: max(0.0, 1 - abs(len(_BULLET.findall(r)) - n) / n),
+    "lowercase": lambda r: _letters_share(r, upper=False),
+    "uppercase": lambda r: _letters_share(r, upper=True),
+    "max_words": lambda r, n: max(0.0, 1 - (count_words(r) - n + 1) / n) if count_words(r) else 0.0,
+    "min_words": lambda r, n: min(1.0, count_words(r) / n),
+    "json_keys": _json_closeness,
+    "ends_with": lambda r, phrase: 0.5 if phrase.lower() in r.lower() else 0.0,
+    "keyword": lambda r, word, count: min(1.0, len(re.findall(rf"\b{re.escape(word)}\b", r, flags=re.IGNORECASE)) / count),
+    "no_commas": lambda r: max(0.0, 1 - r.count(",") / 5) if count_words(r) else 0.0,
+    "title": lambda r: 0.5 if "<<" in r or ">>" in r else 0.0,
+}
+
+
 def _constraints(record_or_constraints: dict | list) -> list[dict]:
     if isinstance(record_or_constraints, dict):
         record_or_constraints = record_or_constraints["constraints"]
@@ -137,14 +170,23 @@ def check_response(record_or_constraints: dict | list, response: str) -> tuple[b
     return all(per), per
 
 
-def compliance_reward(prompts_meta: list, responses: list[str]) -> list[float]:
-    """Shaped reward per response: 1.0 if every constraint holds, else 0.5 x the fraction held."""
+def compliance_reward(prompts_meta: list, responses: list[str], graded: bool = True) -> list[float]:
+    """Shaped reward per response: 1.0 if every constraint holds; else 0.5 x the mean over constraints
+    of 1 (held) or, with `graded`, 0.9 x how close it came (PARTIAL: the share of lowercase letters, the
+    distance to N bullets, ...). A fully compliant answer beats every partial one, and a sampler that
+    never meets a constraint (a base model never answers in lowercase) still sees which of its samples
+    came closer, which is what GRPO's group-relative advantages and the DPO pair choice need."""
     if len(prompts_meta) != len(responses):
         raise ValueError(f"{len(prompts_meta)} prompts but {len(responses)} responses")
     out = []
     for meta, response in zip(prompts_meta, responses):
         ok, per = check_response(meta, response)
-        out.append(1.0 if ok else 0.5 * sum(per) / len(per))
+        if ok:
+            out.append(1.0)
+            continue
+        credit = [1.0 if held else (0.9 * PARTIAL[c["type"]](response, **c["kwargs"]) if graded else 0.0)
+                  for c, held in zip(_constraints(meta), per)]
+        out.append(0.5 * sum(credit) / len(credit))
     return out
 
 

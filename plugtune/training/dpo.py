@@ -101,6 +101,9 @@ class PreferenceObjective:
             per_token = (x.chosen.detach() - x.ref_chosen) / x.chosen_lengths.clamp(min=1)  # (B,) k1 per token
             metrics["kl"] = per_token.mean()
         losses, loss_metrics = self.loss(x)  # (B,)
+        if self.cfg.rpo_alpha:  # RPO (Pang et al. 2024, eq. 2): + alpha x the chosen answer's mean token NLL
+            losses = losses + self.cfg.rpo_alpha * x.chosen_nll
+            metrics["nll/chosen"] = x.chosen_nll.detach().mean()
         return losses.sum(), {**loss_metrics, **metrics}
 
 
