@@ -1,4 +1,4 @@
-"""plugtune CLI: train | generate | chat | eval | demo (and the commands later issues add).
+"""plugtune CLI: train | generate | chat | eval | demo | merge | adapters | serve | compare.
 
 Every command is a thin shell over a plain Python function, so notebooks get the same behaviour.
 Errors from bad input (config, data, model paths, adapters) print one clear line and exit 2.
@@ -237,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skill", default="dates")
     p.add_argument("--align", action="store_true", help="instruction following: base vs DPO, GRPO and PPO adapters "
                                                          "on verifiable-instruction prompts")
-    p.add_argument("--skills", default=None, help="two or more skills, e.g. dates,units: train one adapter per skill "
+    p.add_argument("--skills", default=None, help="two or more skills, e.g. dates,prices: train one adapter per skill "
                                                   "together, serve them in mixed batches, route automatically")
     p.add_argument("--model", default=None, help="override the demo's model (default smollm2-135m)")
     p.add_argument("--out", default="runs/demo")

@@ -1,6 +1,6 @@
 """The two-skill demo: several skill adapters on one base, trained together, served together.
 
-    plugtune demo --skills dates,units
+    plugtune demo --skills dates,prices
 
 1. trains one LoRA adapter per skill in one multi-task run (shared mixed batches, training/multitask.py);
 2. scores the base and every adapter on every skill's held-out set, all in mixed batches (each

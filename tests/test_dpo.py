@@ -149,6 +149,20 @@ def test_objective_equals_the_loss_on_separately_computed_logps(loss):
     assert total.requires_grad and all(not v.requires_grad for v in metrics.values())
 
 
+def test_rpo_adds_the_chosen_nll_per_token():
+    """RPO (Pang et al. 2024): DPO plus alpha x the chosen answer's mean token NLL, from separate forwards."""
+    model = lora_model()
+    batch = collate_pairs(edge_pairs(), pad_id=0)
+    plain, _ = dpo.PreferenceObjective(DPOConfig(beta=0.5))(model, batch)
+    total, metrics = dpo.PreferenceObjective(DPOConfig(beta=0.5, rpo_alpha=0.7))(model, batch)
+    with torch.no_grad():
+        policy = separate_logps(model, batch)
+    lengths = (batch["labels"][:, 1:] != -100).sum(-1)
+    nll = -policy[:3] / lengths[:3]
+    assert_close(total, plain + 0.7 * nll.sum(), rtol=1e-5, atol=1e-5)
+    assert_close(metrics["nll/chosen"], nll.mean(), rtol=1e-5, atol=1e-6)
+
+
 def test_virtual_token_adapters_fall_back_to_the_padded_forward():
     model = build_model("llama", VOCAB)
     torch.manual_seed(0)
