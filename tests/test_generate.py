@@ -62,3 +62,36 @@ def test_generate_text_stops_at_end_of_turn(tokenizer):
     model.register_forward_hook(lambda *_: calls.append(1))
     assert generate(model, tokenizer, ["hi"], GenerationConfig(max_new_tokens=5)) == [""]
     assert len(calls) == 1
+
+
+def test_repeated_prompts_prefill_once_and_decode_as_if_each_were_alone():
+    """GRPO's G samples of a prompt: one prefill per distinct prompt, its cache copied to each row; greedy
+    rows equal the no-cache reference, and seeded sampling draws exactly what unshared prefill draws,
+    also with prompt and prefix tuning (whose virtual inputs enter at the prefill)."""
+    from plugtune.inference.generate import _decode
+
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randint(3, 400, (n,), generator=g).tolist() for n in (6, 9))
+    prompts = [a, b, a, a, b]
+    for method, cfg in (("lora", {"r": 4}), ("prompt_tuning", {"num_virtual_tokens": 3}),
+                        ("prefix_tuning", {"num_virtual_tokens": 3})):
+        model = build_model("llama", 400, seed=3)
+        attach_adapter(model, method, cfg)
+        with torch.no_grad():
+            for p in adapter_state(model, "default").values():
+                p.add_(torch.randn_like(p) * 0.3)
+        calls = []
+        handle = model.register_forward_pre_hook(lambda m, args, kwargs: calls.append(
+            (kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]).shape[0]),
+            with_kwargs=True)
+        greedy = generate_ids(model, prompts, stop_ids=[2], pad_id=0, cfg=GenerationConfig(max_new_tokens=6))
+        assert calls[0] == 2 and set(calls[1:]) <= {5}, (method, calls)  # prefill: the 2 distinct prompts only
+        handle.remove()
+        assert greedy[0] == greedy[2] == greedy[3] and greedy[1] == greedy[4]
+        if method == "lora":
+            assert greedy[0] == greedy_reference(model, a, 6, [2]) and greedy[1] == greedy_reference(model, b, 6, [2])
+        sampling = GenerationConfig(max_new_tokens=6, temperature=1.0, seed=7)
+        shared = generate_ids(model, prompts, stop_ids=[2], pad_id=0, cfg=sampling)
+        alone = _decode(model, prompts, [2], 0, sampling, include_stop=False, share_prompts=False)
+        assert shared == alone, method
+        assert len({tuple(x) for x in shared}) > 2  # the samples of one prompt differ

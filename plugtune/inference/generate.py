@@ -56,21 +56,33 @@ def generate_ids(model: nn.Module, prompts: list[list[int]], stop_ids: list[int]
     if adapter_names is not None:
         if len(adapter_names) != len(prompts):
             raise ValueError(f"{len(adapter_names)} adapter names for {len(prompts)} prompts; give one per prompt")
-        with mixed_adapters(model, adapter_names):
-            return generate_ids(model, prompts, stop_ids, pad_id, cfg, include_stop=include_stop)
+        with mixed_adapters(model, adapter_names):  # the row plan is laid out for every row: no prompt sharing
+            return _decode(model, prompts, stop_ids, pad_id, cfg or GenerationConfig(), include_stop, False)
+    return _decode(model, prompts, stop_ids, pad_id, cfg or GenerationConfig(), include_stop, True)
+
+
+def _decode(model: nn.Module, prompts: list[list[int]], stop_ids: list[int], pad_id: int, cfg: GenerationConfig,
+            include_stop: bool, share_prompts: bool) -> list[list[int]]:
     from transformers import DynamicCache
 
-    cfg = cfg or GenerationConfig()
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     device = next(model.parameters()).device
     generator = None
     if cfg.seed is not None:
         generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
+    # Several samples of one prompt (GRPO's group, DPO's on-policy candidates) prefill it once; its
+    # KV cache and last logits are then copied to every row that asked for it.
+    unique: dict[tuple[int, ...], int] = {}
+    source = [unique.setdefault(tuple(p), len(unique)) for p in prompts]
+    expand = None
+    if share_prompts and len(unique) < len(prompts):
+        expand = torch.tensor(source, device=device)
+    prefill = [list(p) for p in unique] if expand is not None else prompts
+    width = max(len(p) for p in prefill)
+    ids = torch.full((len(prefill), width), pad_id, dtype=torch.long, device=device)
     mask = torch.zeros_like(ids)
-    for row, p in enumerate(prompts):
+    for row, p in enumerate(prefill):
         ids[row, width - len(p):] = torch.tensor(p, device=device)
         mask[row, width - len(p):] = 1
     was_training = model.training
@@ -91,6 +103,10 @@ def generate_ids(model: nn.Module, prompts: list[list[int]], stop_ids: list[int]
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -step_len:]
         with inputs_prepared():
             logits = model(**step, position_ids=positions, use_cache=True, **keep).logits[:, -1]  # (B, V)
+        if expand is not None:  # after the prefill: one row per prompt -> one row per request
+            logits, mask = logits[expand], mask[expand]
+            cache.reorder_cache(expand)  # index_select on the batch dimension of every layer's keys and values
+            expand = None
         nxt = sample_next(logits, cfg, generator)
         nxt = torch.where(finished, torch.full_like(nxt, pad_id), nxt)
         for row in torch.nonzero(~finished).flatten().tolist():

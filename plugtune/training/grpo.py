@@ -9,7 +9,8 @@ then over sequences), DAPO (token mean, eq. 12) or Dr. GRPO (a constant normalis
 
 With one optimisation pass per rollout the ratio is exactly 1 and old log-probs are not needed
 (the policy's own, detached); with several (`rollout.epochs` x `rollout.minibatches` > 1) they are
-computed once per rollout.
+computed once per rollout. Every forward runs each prompt once for its G completions (a tree of
+prompt + completions, training/pairs.py; exact).
 """
 from __future__ import annotations
 
@@ -33,9 +34,9 @@ class GRPOObjective:
     def prepare_rollout(self, model: nn.Module, batch: dict) -> dict:
         extra = {"advantages": group_advantages(batch["scores"], self.group_size, self.cfg.scale_rewards)}
         if self.reuses_rollouts:
-            extra["old_logps"] = token_logps(model, batch, self.temperature).per_token
+            extra["old_logps"] = token_logps(model, batch, self.temperature, share_prefixes=True).per_token
         if self.cfg.beta > 0:
-            extra["ref_logps"] = self.reference.logps(model, batch, self.temperature).per_token
+            extra["ref_logps"] = self.reference.logps(model, batch, self.temperature, share_prefixes=True).per_token
         return extra
 
     def units(self, batch: dict) -> int:
@@ -45,7 +46,7 @@ class GRPOObjective:
                 "constant_normaliser": mask.shape[0] * self.max_new_tokens}[self.cfg.loss_aggregation]
 
     def __call__(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
-        lp = token_logps(model, batch, self.temperature)
+        lp = token_logps(model, batch, self.temperature, share_prefixes=True)
         mask = lp.mask
         old = batch.get("old_logps", lp.per_token.detach())
         per_token, metrics = ppo_clip_loss(lp.per_token, old, batch["advantages"], mask, self.cfg.clip_low,

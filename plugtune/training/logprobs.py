@@ -58,12 +58,27 @@ class TokenLogps:
         return self.mask.sum(-1)
 
 
-def token_logps(model: nn.Module, batch: dict, temperature: float = 1.0, chunk: int = CHUNK) -> TokenLogps:
-    """Log-probs of the labelled tokens of `batch` (input_ids, attention_mask, labels: (B, T))."""
-    hidden = batch_hidden(model, batch)  # (B, T, C)
+def token_logps(model: nn.Module, batch: dict, temperature: float = 1.0, chunk: int = CHUNK,
+                share_prefixes: bool = False) -> TokenLogps:
+    """Log-probs of the labelled tokens of `batch` (input_ids, attention_mask, labels: (B, T)).
+
+    `share_prefixes`: rows with the same prompt (the tokens before their first label) run it once,
+    as one tree of prompt + completions (training/pairs.py), where the model allows it; the result
+    is the padded batch's, position by position. Sampled rollouts want this: G completions of a
+    prompt are G rows with one prompt, so the forward (and backward) work shrinks from G x (prompt +
+    completion) to prompt + G x completion, and the padding goes."""
+    from plugtune.training.pairs import can_share_prefixes, pack_trees, pair_hidden, prompt_groups
+
     targets = batch["labels"][:, 1:]  # (B, T-1): token t+1 is predicted at position t
     mask = targets != IGNORE_INDEX
     rows, cols = mask.nonzero(as_tuple=True)  # (N,), (N,)
+    if share_prefixes and "position_ids" not in batch and can_share_prefixes(model):
+        packed = pack_trees(batch["input_ids"], batch["attention_mask"],
+                            prompt_groups(batch["input_ids"], batch["labels"])).to(batch["input_ids"].device)
+        tree = pair_hidden(model, batch, packed)
+        hidden = tree.flat[tree.index]  # (B, T, C); padding positions read zeros
+    else:
+        hidden = batch_hidden(model, batch)  # (B, T, C)
     values = labelled_logps(lm_head(model), hidden[rows, cols], targets[rows, cols], chunk, temperature)  # (N,)
     per_token = hidden.new_zeros(mask.shape, dtype=torch.float32).index_put((rows, cols), values)
     return TokenLogps(per_token, mask, hidden)

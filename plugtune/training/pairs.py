@@ -19,6 +19,9 @@ it in its own sequence, and each token keeps its own position id, so every real 
 (2B, T) batch gets the hidden state it gets in the padded forward (tests assert it). The backward
 adds the gradients of both branches at the shared prefix, as the chain rule wants.
 
+The same holds for any group of rows that share a prefix (`pack_trees`): GRPO's and PPO's samples of
+one prompt (`prompt_groups`) make a tree of one prompt and G completions (training/logprobs.py).
+
 Used when the model takes a 4-D mask (attention implementation "sdpa" or "eager", no sliding window)
 and no adapter adds virtual inputs (prompt/prefix tuning); otherwise `pair_hidden` runs the plain
 padded batch (`plan` returns None).
@@ -48,61 +51,75 @@ class PackedPairs:
         return PackedPairs(*(t.to(device) for t in (self.input_ids, self.position_ids, self.allowed, self.index)))
 
 
-def common_prefix_lengths(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """(2B, T) pair batch -> (B,) number of leading tokens the chosen and rejected rows share."""
-    b = input_ids.shape[0] // 2
-    mask = attention_mask.bool()
-    same = (input_ids[:b] == input_ids[b:]) & mask[:b] & mask[b:]  # (B, T)
-    return same.long().cumprod(-1).sum(-1)
-
-
 def pack_pairs(input_ids: torch.Tensor, attention_mask: torch.Tensor, capacity: int = 1024) -> PackedPairs:
     """Lay out a right-padded (2B, T) pair batch as prefix-sharing trees packed into rows (CPU work)."""
-    ids, mask = input_ids.cpu(), attention_mask.cpu().bool()
-    n_rows, width = ids.shape
+    n_rows = input_ids.shape[0]
     b = n_rows // 2
-    lengths = mask.sum(-1)
     if n_rows != 2 * b or b == 0:
         raise ValueError(f"a pair batch has an even, non-zero number of rows (chosen then rejected), got {n_rows}")
-    if not torch.equal(mask, torch.arange(width) < lengths[:, None]):
-        raise ValueError("pair batches must be right-padded (collate_pairs): real tokens first in every row")
-    shared = common_prefix_lengths(ids, mask).tolist()
-    lc, lr = lengths[:b].tolist(), lengths[b:].tolist()
-    sizes = [lc[i] + lr[i] - shared[i] for i in range(b)]
+    return pack_trees(input_ids, attention_mask, [[i, b + i] for i in range(b)], capacity)
+
+
+def prompt_groups(input_ids: torch.Tensor, labels: torch.Tensor) -> list[list[int]]:
+    """Rows whose tokens before their first label are the same (one prompt, several sampled
+    completions: GRPO's group, PPO's samples), in order of first appearance."""
+    ids, labelled = input_ids.cpu(), labels.cpu() != IGNORE_INDEX
+    starts = torch.where(labelled.any(-1), labelled.int().argmax(-1), labelled.new_full((), labelled.shape[1], dtype=torch.long))
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for row in range(ids.shape[0]):
+        groups.setdefault(tuple(ids[row, :int(starts[row])].tolist()), []).append(row)
+    return list(groups.values())
+
+
+def pack_trees(input_ids: torch.Tensor, attention_mask: torch.Tensor, groups: list[list[int]],
+               capacity: int = 1024) -> PackedPairs:
+    """Lay out a right-padded (N, T) batch as one tree per group of rows (CPU work): the group's
+    longest common prefix once, then each row's rest, each rest seeing the prefix and itself only.
+    A pair batch is groups [[i, B + i]]; GRPO's G samples of a prompt are one group of G rows."""
+    ids, mask = input_ids.cpu(), attention_mask.cpu().bool()
+    n_rows, width = ids.shape
+    lengths = mask.sum(-1).tolist()
+    if n_rows == 0 or sorted(r for g in groups for r in g) != list(range(n_rows)):
+        raise ValueError(f"groups must cover each of the {n_rows} rows exactly once, got {groups}")
+    if not torch.equal(mask, torch.arange(width) < mask.sum(-1, keepdim=True)):
+        raise ValueError("shared-prefix batches must be right-padded (collate_pairs): real tokens first in every row")
+    shared = []  # per group: tokens that all its rows share at the start
+    for g in groups:
+        first = ids[g[0]]
+        same = (ids[g] == first) & mask[g] & mask[g[0]]  # (len(g), T)
+        shared.append(int(same.long().cumprod(-1).sum(-1).min()))
+    sizes = [lengths[g[0]] + sum(lengths[r] - s for r in g[1:]) for g, s in zip(groups, shared)]
     cap = max(max(sizes), capacity)
-    bins: list[list[int]] = []  # first-fit decreasing: bins[r] = the trees in row r
+    bins: list[list[int]] = []  # first-fit decreasing: bins[r] = the trees in packed row r
     used: list[int] = []
-    for i in sorted(range(b), key=lambda i: -sizes[i]):
-        r = next((r for r in range(len(bins)) if used[r] + sizes[i] <= cap), None)
+    for t in sorted(range(len(groups)), key=lambda t: -sizes[t]):
+        r = next((r for r in range(len(bins)) if used[r] + sizes[t] <= cap), None)
         if r is None:
             bins.append([])
             used.append(0)
             r = len(bins) - 1
-        bins[r].append(i)
-        used[r] += sizes[i]
+        bins[r].append(t)
+        used[r] += sizes[t]
     n_packed, length = len(bins), max(used)
     packed = torch.zeros(n_packed, length, dtype=ids.dtype)
     position = torch.zeros(n_packed, length, dtype=torch.long)
     tree = torch.full((n_packed, length), -1, dtype=torch.long)  # -1: padding
-    branch = torch.zeros(n_packed, length, dtype=torch.long)  # 0 shared prefix, 1 chosen rest, 2 rejected rest
+    branch = torch.zeros(n_packed, length, dtype=torch.long)  # 0 shared prefix, k + 1 the rest of the group's row k
     index = torch.full((n_rows, width), n_packed * length, dtype=torch.long)
     for r, trees in enumerate(bins):
         at = 0
-        for i in trees:
-            s, c, j = shared[i], lc[i], lr[i]
-            rest = j - s
-            packed[r, at:at + c] = ids[i, :c]
-            packed[r, at + c:at + c + rest] = ids[b + i, s:j]
-            position[r, at:at + c] = torch.arange(c)
-            position[r, at + c:at + c + rest] = torch.arange(s, j)
-            tree[r, at:at + c + rest] = i
-            branch[r, at + s:at + c] = 1
-            branch[r, at + c:at + c + rest] = 2
-            base = r * length + at
-            index[i, :c] = base + torch.arange(c)
-            index[b + i, :s] = base + torch.arange(s)
-            index[b + i, s:j] = base + c + torch.arange(rest)
-            at += c + rest
+        for t in trees:
+            s, base = shared[t], r * length + at
+            for k, row in enumerate(groups[t]):
+                n = lengths[row]
+                lo = 0 if k == 0 else s  # the first row lays out the prefix; the others only their rest
+                packed[r, at:at + n - lo] = ids[row, lo:n]
+                position[r, at:at + n - lo] = torch.arange(lo, n)
+                tree[r, at:at + n - lo] = t
+                branch[r, at + s - lo:at + n - lo] = k + 1
+                index[row, :s] = base + torch.arange(s)
+                index[row, s:n] = r * length + at + s - lo + torch.arange(n - s)
+                at += n - lo
     q, k = torch.arange(length)[:, None], torch.arange(length)[None, :]
     same_tree = tree[:, :, None] == tree[:, None, :]  # padding sees padding (never a fully masked row)
     same_branch = (branch[:, None, :] == 0) | (branch[:, None, :] == branch[:, :, None])

@@ -35,9 +35,9 @@ class PPOObjective:
 
     @torch.no_grad()
     def prepare_rollout(self, model: nn.Module, batch: dict) -> dict:
-        lp = token_logps(model, batch, self.temperature)
+        lp = token_logps(model, batch, self.temperature, share_prefixes=True)
         values = self.value_head(lp.hidden[:, :-1])  # (N, T-1): V(state before token t+1)
-        ref = self.reference.logps(model, batch, self.temperature).per_token
+        ref = self.reference.logps(model, batch, self.temperature, share_prefixes=True).per_token
         mask = lp.mask
         rewards, kl = per_token_rewards(lp.per_token, ref, batch["scores"], mask, self.kl_ctl.value,
                                         self.cfg.kl_estimator)
@@ -53,7 +53,7 @@ class PPOObjective:
         return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())  # token mean
 
     def __call__(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
-        lp = token_logps(model, batch, self.temperature)
+        lp = token_logps(model, batch, self.temperature, share_prefixes=True)
         values = self.value_head(lp.hidden[:, :-1])
         mask = lp.mask
         policy_loss, pm = ppo_clip_loss(lp.per_token, batch["old_logps"], batch["advantages"], mask,

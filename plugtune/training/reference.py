@@ -24,8 +24,8 @@ class Reference:
                 p.requires_grad_(False)
 
     @torch.no_grad()
-    def logps(self, model: nn.Module, batch: dict, temperature: float = 1.0) -> TokenLogps:
+    def logps(self, model: nn.Module, batch: dict, temperature: float = 1.0, share_prefixes: bool = False) -> TokenLogps:
         if self.frozen is not None:
-            return token_logps(self.frozen, batch, temperature)
+            return token_logps(self.frozen, batch, temperature, share_prefixes=share_prefixes)
         with adapters_disabled(model):
-            return token_logps(model, batch, temperature)
+            return token_logps(model, batch, temperature, share_prefixes=share_prefixes)
