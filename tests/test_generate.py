@@ -95,3 +95,16 @@ def test_repeated_prompts_prefill_once_and_decode_as_if_each_were_alone():
         alone = _decode(model, prompts, [2], 0, sampling, include_stop=False, share_prompts=False)
         assert shared == alone, method
         assert len({tuple(x) for x in shared}) > 2  # the samples of one prompt differ
+
+
+def test_sampling_draws_each_token_with_its_probability():
+    """Inverse-CDF sampling: frequencies over many rows match softmax(logits / T); masked tokens never appear."""
+    probs = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.0])
+    logits = probs.clamp(min=1e-30).log().expand(40_000, 5) * 2.0  # temperature 2 undoes the doubling
+    logits = logits.masked_fill(probs == 0, float("-inf"))
+    draws = sample_next(logits, GenerationConfig(temperature=2.0), torch.Generator().manual_seed(0))
+    freq = torch.bincount(draws, minlength=5).float() / draws.numel()
+    assert torch.allclose(freq, probs, atol=0.01), freq
+    assert int(freq[4] * draws.numel()) == 0
+    again = sample_next(logits, GenerationConfig(temperature=2.0), torch.Generator().manual_seed(0))
+    assert torch.equal(draws, again)  # seeded

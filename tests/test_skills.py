@@ -92,9 +92,23 @@ def test_arith_shipped_answers_are_recomputed_from_the_structured_problems():
                 break
         else:
             raise AssertionError(f"replay lost track at {prompt!r}")
-        assert answer == str(_recompute_arith(start, steps))
+        result = _recompute_arith(start, steps)
+        working, final = answer.split(". Answer: ")
+        assert final == str(result)
         assert 2 <= len(steps) <= 3 and sum(s[0] == "mul" for s in steps) <= 1
-        assert f" {start} " in prompt and answer not in prompt
+        assert f" {start} " in prompt and final not in prompt
+        # the working: every equation true, one per operation, chained from the start to the result
+        equations = iter(e.split(" ") for e in working.split(", "))
+        value = start
+        for op, *args in steps:
+            if op.endswith("_packs"):
+                assert next(equations) == [str(args[0]), "*", str(args[1]), "=", str(args[0] * args[1])]
+                args = [args[0] * args[1]]
+            x, sign, y, eq, z = next(equations)
+            assert (x, sign, y, eq) == (str(value), {"add": "+", "sub": "-", "mul": "*"}[op[:3]], str(args[0]), "=")
+            value = {"+": value + args[0], "-": value - args[0], "*": value * args[0]}[sign]
+            assert z == str(value)
+        assert next(equations, None) is None and value == result
         for step in steps:
             if step[0] == "mul":
                 assert {2: "doubles", 3: "triples"}[step[1]] in prompt
@@ -113,7 +127,7 @@ def test_arith_shipped_split():
     assert not set(prompts(train)) & set(prompts(test))
     assert len(set(prompts(train) + prompts(test))) == 2100
     for row in train + test:
-        answer = row["messages"][1]["content"]
-        assert answer.isdigit() and 0 < int(answer) <= 999 and row["skill"] == "arith"
+        final = row["messages"][1]["content"].rsplit(". Answer: ", 1)[1]
+        assert final.isdigit() and 0 < int(final) <= 999 and row["skill"] == "arith"
     # Short prompts: at most 55 SmolLM2 tokens when generated (37 words); a word bound guards it here.
     assert max(len(p.split()) for p in prompts(train + test)) <= 38
