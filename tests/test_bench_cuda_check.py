@@ -1,0 +1,26 @@
+"""bench/cuda_check.py runs only on a GPU machine; its checks are plain functions of a device, so CPU CI
+runs them here (the GPU run adds nothing but the device), and a broken check shows up before a GPU lease."""
+import importlib.util
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_check():
+    spec = importlib.util.spec_from_file_location("cuda_check", ROOT / "bench" / "cuda_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cuda_check_passes_on_cpu(tmp_path):
+    check = load_check()
+    cpu = torch.device("cpu")
+    for fn in (check.forward_check, check.mixed_check, check.generate_check, check.trees_check):
+        fn(cpu)
+    check.train_checks(cpu, tmp_path)
+    assert set(check.RESULTS) == {"forward", "mixed", "generate", "trees", "sft", "dpo", "grpo"}
+    assert all(r["pass"] for r in check.RESULTS.values()), check.RESULTS
+    assert check.RESULTS["sft"]["last_loss"] < check.RESULTS["sft"]["first_loss"]
