@@ -9,7 +9,7 @@ Checks (each prints PASS/FAIL with its numbers; exit 1 if any fails):
   mixed       per-row mixed batch of 3 LoRA adapters (grouped and stacked paths) on CUDA = each row alone
   generate    greedy KV-cache generation on CUDA = on CPU (fp32, tiny model); repeated prompts prefill once
   trees       prompt-sharing forward (pairs.pack_trees) on CUDA = the padded forward, values and gradients
-  sft         plugtune.train on CUDA (auto dtype: fp32 weights, bf16 autocast; packed varlen batches):
+  sft         plugtune.train on CUDA (auto dtype: fp32 weights, bf16 autocast; auto layout):
               loss falls, finite; the saved adapter reloads on CPU with the same logits (bf16 tolerance)
   dpo, grpo   one short run of each objective on CUDA: finite losses, adapters written
 Timings (SmolLM2-135M shape, random weights, bf16 autocast): LoRA SFT step (8 sequences of 64-255 tokens,

@@ -245,3 +245,15 @@ def test_packed_run_equals_padded_run(tiny_model_dir, chat_files, tmp_path, caps
         for key in w0:
             torch.testing.assert_close(weights[key], w0[key], rtol=1e-4, atol=1e-6, msg=key)
     assert loss0[-1] < loss0[0]
+
+
+def test_auto_layout_on_a_gpu_pads_and_groups(monkeypatch):
+    """On CUDA, auto uses padded batches grouped by length (measured faster there); packing=true still packs."""
+    from plugtune.data import packing
+
+    monkeypatch.setattr(packing, "on_gpu", lambda model: True)
+    model = build_model("llama", VOCAB)
+    layout = choose_layout("auto", "auto", model)
+    assert (layout.pack, layout.group) == (False, True) and "on a GPU" in layout.note
+    assert model.config._attn_implementation == "sdpa"  # left as it was
+    assert choose_layout(True, "auto", model).pack

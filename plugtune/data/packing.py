@@ -165,11 +165,15 @@ class Layout:
         return collate_packed(items, pad_id, max_length, self.flat) if self.pack else collate(items, pad_id)
 
 
+def on_gpu(model: nn.Module) -> bool:
+    return next(model.parameters()).device.type == "cuda"
+
+
 def choose_layout(packing: bool | str, group_by_length: bool | str, model: nn.Module,
                   packed_attention: str = "auto") -> Layout:
     """The layout for data.packing, data.group_by_length (true, false or "auto") and
     data.packed_attention (auto | varlen | mask). Auto packs where it is exact (see `unsupported`)
-    unless group_by_length is set to true, preferring one row with per-example attention
+    on CPU, unless group_by_length is set to true, preferring one row with per-example attention
     (models/varlen.py, replacing sdpa) to rows under a block-diagonal mask; auto grouping is on
     whenever there is no packing."""
     from plugtune.models import varlen
@@ -178,6 +182,11 @@ def choose_layout(packing: bool | str, group_by_length: bool | str, model: nn.Mo
     padded = "padded batches" + (", grouped by length" if group else "")
     if packing is False or (packing == "auto" and group_by_length is True):
         return Layout(False, group=group, note=padded)
+    if packing == "auto" and on_gpu(model):
+        # Padding costs little on a GPU and kernel launches a lot: per-example attention made a LoRA
+        # step slower than padded batches on an H100 (295 vs 223 ms, bench/cuda_check.py).
+        return Layout(False, group=group, note=f"{padded} (not packed: on a GPU padded batches are faster; "
+                                               "data.packing=true packs anyway)")
     reasons = []
     if packed_attention in ("auto", "varlen"):
         previous = getattr(model.config, "_attn_implementation", None)
