@@ -184,7 +184,7 @@ def choose_layout(packing: bool | str, group_by_length: bool | str, model: nn.Mo
         return Layout(False, group=group, note=padded)
     if packing == "auto" and on_gpu(model):
         # Padding costs little on a GPU and kernel launches a lot: per-example attention made a LoRA
-        # step slower than padded batches on an H100 (295 vs 223 ms, bench/cuda_check.py).
+        # step slower than padded batches on an H100 (236 vs 162 ms, bench/cuda_check.py).
         return Layout(False, group=group, note=f"{padded} (not packed: on a GPU padded batches are faster; "
                                                "data.packing=true packs anyway)")
     reasons = []
