@@ -14,14 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from plugtune.adapters.layers import (adapter_layers, adapter_names, adapter_state, base_parameters, mark_trainable,
                                       remove_adapter)
 from plugtune.adapters.registry import AdapterMethod, available_methods, get_method, method_from_saved
 from plugtune.adapters.modules_to_save import attach_modules_to_save, remove_modules_to_save
-from plugtune.models.loading import is_pickle
+from plugtune.models.loading import WeightsFileError, read_safetensors
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -34,8 +34,7 @@ class AdapterMismatchError(ValueError):
     """An adapter made for another base model."""
 
 
-class AdapterFileError(ValueError):
-    """An adapter file that cannot be read: damaged, truncated, or not what its name says."""
+AdapterFileError = WeightsFileError  # an adapter file that cannot be read: damaged, truncated, or not what its name says
 
 
 def attach_adapter(model: nn.Module, method: str | AdapterMethod, cfg: Any = None, name: str = "default",
@@ -168,21 +167,6 @@ def read_adapter_config(path: str | Path) -> dict:
     return _read_json(cfg_file)
 
 
-def read_safetensors(file: str | Path, fix: str = "Write it again, or copy it again") -> dict[str, torch.Tensor]:
-    """The tensors of a safetensors file plugtune wrote (a router, a reward head, a checkpoint): a pickle
-    under that name is refused, never unpickled, and a damaged file is one clear error."""
-    file = Path(file)
-    if not file.is_file():
-        raise FileNotFoundError(f"{file} is missing. {fix}")
-    if is_pickle(file):
-        raise AdapterFileError(f"{file} is a PyTorch pickle, not a safetensors file; plugtune never unpickles it. {fix}")
-    try:
-        return load_file(str(file))
-    except Exception as exc:  # safetensors' SafetensorError (not an OSError or ValueError) or an OSError
-        raise AdapterFileError(f"{file} is not a readable safetensors file ({exc}; {file.stat().st_size} bytes): it "
-                               f"is truncated or damaged. {fix}") from None
-
-
 def read_adapter_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], Path]:
     """The tensors of the adapter saved in directory `path`, and the file they came from.
 
@@ -192,12 +176,10 @@ def read_adapter_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], Pat
     path = Path(path)
     file = path / WEIGHTS_FILE
     if file.is_file():
-        if is_pickle(file):
-            raise AdapterFileError(
-                f"{file} is a PyTorch pickle, not a safetensors file; plugtune never unpickles a .safetensors file. "
-                f"Re-save the adapter with safetensors (PEFT: save_pretrained(..., safe_serialization=True)), or, "
-                f"if it is PEFT's old format from a source you trust, rename it {PICKLE_WEIGHTS_FILE}")
-        return read_safetensors(file, "Save the adapter again, or copy / download it again"), file
+        return read_safetensors(file, "Save the adapter again, or copy / download it again",
+                                pickle_fix="Re-save the adapter with safetensors (PEFT: save_pretrained(..., "
+                                           "safe_serialization=True)), or, if it is PEFT's old format from a source "
+                                           f"you trust, rename it {PICKLE_WEIGHTS_FILE}"), file
     file = path / PICKLE_WEIGHTS_FILE
     if not file.is_file():
         raise FileNotFoundError(f"{path}: the adapter's weights are missing (neither {WEIGHTS_FILE} nor "

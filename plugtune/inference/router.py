@@ -25,10 +25,11 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from plugtune.adapters.io import AdapterMismatchError, base_fingerprint, read_safetensors
+from plugtune.adapters.io import AdapterMismatchError, base_fingerprint
 from plugtune.adapters.layers import adapters_disabled
 from plugtune.data.tokenize import prompt_ids
 from plugtune.models.causal_lm import hidden_states
+from plugtune.models.loading import read_safetensors
 
 TENSORS, META = "router.safetensors", "router.json"
 

@@ -115,6 +115,34 @@ def is_pickle(file: Path) -> bool:
     return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
 
 
+class WeightsFileError(ValueError):
+    """A weights file that cannot be read: damaged, truncated, or a pickle under a safetensors name."""
+
+
+def refuse_pickle(file: Path, fix: str) -> None:
+    """A .safetensors file is read as safetensors only: a pickle under that name is refused, never unpickled."""
+    if is_pickle(file):
+        raise WeightsFileError(f"{file} is a PyTorch pickle, not a safetensors file; plugtune never unpickles a "
+                               f".safetensors file. {fix}")
+
+
+def read_safetensors(file: str | Path, fix: str = "Write it again, or copy it again",
+                     pickle_fix: str | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file (an adapter, a router, a reward head, a checkpoint), with one clear
+    error for a missing, pickled (`pickle_fix`, default `fix`) or damaged file."""
+    from safetensors.torch import load_file
+
+    file = Path(file)
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} is missing. {fix}")
+    refuse_pickle(file, pickle_fix or fix)
+    try:
+        return load_file(str(file))
+    except Exception as exc:  # safetensors' SafetensorError (not an OSError or ValueError) or an OSError
+        raise WeightsFileError(f"{file} is not a readable safetensors file ({exc}; {file.stat().st_size} bytes): it "
+                               f"is truncated or damaged. {fix}") from None
+
+
 def _from_pretrained(auto_cls, path: Path, dtype: torch.dtype) -> nn.Module:
     """auto_cls.from_pretrained(path) with one clear error per way a model directory can be broken.
     Weights are read as safetensors, or by transformers' torch.load(weights_only=True) for a .bin."""
@@ -123,9 +151,8 @@ def _from_pretrained(auto_cls, path: Path, dtype: torch.dtype) -> nn.Module:
         raise FileNotFoundError(f"{path} has no weights ({' or '.join(_WEIGHT_FILES[:3])}): copy the model's "
                                 "weight files next to its config.json")
     single = path / "model.safetensors"
-    if single.is_file() and is_pickle(single):
-        raise ValueError(f"{single} is a PyTorch pickle, not a safetensors file; plugtune never unpickles a "
-                         ".safetensors file. Save the model with save_pretrained (safetensors is the default)")
+    if single.is_file():
+        refuse_pickle(single, "Save the model with save_pretrained (safetensors is the default)")
     try:
         return auto_cls.from_pretrained(path, dtype=dtype)
     except Exception as exc:

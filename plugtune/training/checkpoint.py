@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from plugtune.adapters.io import read_safetensors
+from plugtune.models.loading import read_safetensors
 
 WEIGHTS = "trainable.safetensors"
 OPTIMIZER = "optimizer.pt"

@@ -47,10 +47,9 @@ from plugtune.data.preference import (PreferencePair, UnpairedExample, collate_p
 from plugtune.data.tokenize import IGNORE_INDEX, Tokenized
 from plugtune.models.causal_lm import hidden_states
 from plugtune.models.heads import ScalarHead, attach_head, last_token
-from plugtune.models.loading import LoadedModel, load_base, load_tokenizer
+from plugtune.models.loading import LoadedModel, load_base, load_tokenizer, read_safetensors
 from plugtune.training.losses.preference import bradley_terry_loss
 from plugtune.training.pairs import pair_hidden, plan
-from plugtune.adapters.io import read_safetensors
 
 HEAD = "reward_head"  # the head's module name on the model while it trains
 HEAD_WEIGHTS, HEAD_META = "reward_head.safetensors", "reward_head.json"
