@@ -260,13 +260,7 @@ def load_prompts(path: str | Path, tokenizer) -> list[PromptItem]:
 def _tokenize_turns(tokenizer, prompt: Messages, completion: Messages, where: str) -> tuple[list[int], list[int], int]:
     """ids, labels and prompt length of prompt+completion rendered as one conversation."""
     ensure_chat_template(tokenizer)
-    from jinja2 import TemplateError  # transformers renders chat templates with jinja2
-
-    try:
-        text, spans = assistant_spans(tokenizer, prompt + completion)
-    except TemplateError as exc:  # e.g. "roles must alternate user/assistant"
-        raise DataError(f"{where}: the tokenizer's chat template cannot render this conversation ({exc}); reorder "
-                        "or merge its turns as the template expects") from exc
+    text, spans = assistant_spans(tokenizer, prompt + completion, where)
     history = sum(m["role"] == "assistant" for m in prompt)  # assistant turns in the prompt are context only
     ids, inside = tokenize_segments(tokenizer, text, spans[history:])
     labels = [t if flag else IGNORE_INDEX for t, flag in zip(ids, inside)]

@@ -11,6 +11,8 @@ prompt tokens are the same ones the model sees at generation time.
 """
 from __future__ import annotations
 
+from plugtune.data.readers import DataError
+
 # Used when a tokenizer has no chat template of its own (e.g. GPT-2). Documented in README.
 FALLBACK_TEMPLATE = (
     "{% for message in messages %}"
@@ -37,8 +39,21 @@ def _end_of_turn(tokenizer) -> str | None:
     return tokenizer.eos_token
 
 
-def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered conversation and the (start, end) character spans of its assistant turns."""
+def assistant_spans(tokenizer, messages: list[dict], where: str = "") -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the (start, end) character spans of its assistant turns. A
+    conversation the template refuses (e.g. "roles must alternate") is a DataError naming `where`."""
+    from jinja2 import TemplateError  # transformers renders chat templates with jinja2
+
+    try:
+        return _assistant_spans(tokenizer, messages)
+    except (TemplateError, ValueError) as exc:
+        at = f"{where}: " if where else ""
+        raise DataError(f"{at}the tokenizer's chat template cannot render this conversation ({exc}); reorder or "
+                        "merge its turns as the template expects (often: system first, then user and assistant "
+                        "alternating)") from exc
+
+
+def _assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
     full = render(tokenizer, messages)
     spans: list[tuple[int, int]] = []
     cursor = 0

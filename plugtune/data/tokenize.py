@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from plugtune.data.formats import DataError, Example
+from plugtune.data.formats import Example
 from plugtune.data.templates import assistant_spans, ensure_chat_template, render, tokenize_segments
 
 IGNORE_INDEX = -100
@@ -42,15 +42,7 @@ def tokenize_example(tokenizer, example: Example, train_on: str = "responses") -
             ids = ids + [tokenizer.eos_token_id]
         return Tokenized(ids, list(ids))
     ensure_chat_template(tokenizer)
-    from jinja2 import TemplateError  # transformers renders chat templates with jinja2
-
-    try:
-        text, spans = assistant_spans(tokenizer, example.messages)
-    except (TemplateError, ValueError) as exc:  # e.g. a template's "roles must alternate user/assistant"
-        where = f"{example.where}: " if example.where else ""
-        raise DataError(f"{where}the tokenizer's chat template cannot render this conversation ({exc}); reorder or "
-                        "merge its turns as the template expects (often: system first, then user and assistant "
-                        "alternating)") from exc
+    text, spans = assistant_spans(tokenizer, example.messages, example.where)
     ids, inside = tokenize_segments(tokenizer, text, spans)
     if train_on == "all":
         labels = list(ids)
