@@ -15,6 +15,7 @@ from torch.utils.checkpoint import checkpoint
 
 from plugtune.data.tokenize import IGNORE_INDEX
 from plugtune.models.causal_lm import batch_hidden, lm_head
+from plugtune.training.pairs import can_share_prefixes, pack_trees, pair_hidden, prompt_groups
 
 CHUNK = 1024  # labelled positions per LM-head chunk: (1024, 49152) fp32 logits are 200 MB
 
@@ -67,8 +68,6 @@ def token_logps(model: nn.Module, batch: dict, temperature: float = 1.0, chunk: 
     is the padded batch's, position by position. Sampled rollouts want this: G completions of a
     prompt are G rows with one prompt, so the forward (and backward) work shrinks from G x (prompt +
     completion) to prompt + G x completion, and the padding goes."""
-    from plugtune.training.pairs import can_share_prefixes, pack_trees, pair_hidden, prompt_groups
-
     targets = batch["labels"][:, 1:]  # (B, T-1): token t+1 is predicted at position t
     mask = targets != IGNORE_INDEX
     rows, cols = mask.nonzero(as_tuple=True)  # (N,), (N,)

@@ -64,10 +64,10 @@ def prompt_groups(input_ids: torch.Tensor, labels: torch.Tensor) -> list[list[in
     """Rows whose tokens before their first label are the same (one prompt, several sampled
     completions: GRPO's group, PPO's samples), in order of first appearance."""
     ids, labelled = input_ids.cpu(), labels.cpu() != IGNORE_INDEX
-    starts = torch.where(labelled.any(-1), labelled.int().argmax(-1), labelled.new_full((), labelled.shape[1], dtype=torch.long))
+    starts = torch.where(labelled.any(-1), labelled.int().argmax(-1), labelled.shape[1]).tolist()  # first label
     groups: dict[tuple[int, ...], list[int]] = {}
-    for row in range(ids.shape[0]):
-        groups.setdefault(tuple(ids[row, :int(starts[row])].tolist()), []).append(row)
+    for row, start in enumerate(starts):
+        groups.setdefault(tuple(ids[row, :start].tolist()), []).append(row)
     return list(groups.values())
 
 
@@ -78,10 +78,11 @@ def pack_trees(input_ids: torch.Tensor, attention_mask: torch.Tensor, groups: li
     A pair batch is groups [[i, B + i]]; GRPO's G samples of a prompt are one group of G rows."""
     ids, mask = input_ids.cpu(), attention_mask.cpu().bool()
     n_rows, width = ids.shape
-    lengths = mask.sum(-1).tolist()
+    row_lengths = mask.sum(-1)
+    lengths = row_lengths.tolist()
     if n_rows == 0 or sorted(r for g in groups for r in g) != list(range(n_rows)):
         raise ValueError(f"groups must cover each of the {n_rows} rows exactly once, got {groups}")
-    if not torch.equal(mask, torch.arange(width) < mask.sum(-1, keepdim=True)):
+    if not torch.equal(mask, torch.arange(width) < row_lengths[:, None]):
         raise ValueError("shared-prefix batches must be right-padded (collate_pairs): real tokens first in every row")
     shared = []  # per group: tokens that all its rows share at the start
     for g in groups:
