@@ -1,4 +1,6 @@
+import importlib.util
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -33,3 +35,12 @@ def random_batch(vocab: int, batch: int = 4, length: int = 12, seed: int = 0) ->
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, vocab, (batch, length), generator=g)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+def load_bench(name: str):
+    """bench/<name>.py as a module (bench/ is not a package), for the tests that keep each benchmark running."""
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,22 +1,12 @@
 """bench/cuda_check.py runs only on a GPU machine; its checks are plain functions of a device, so CPU CI
 runs them here (the GPU run adds nothing but the device), and a broken check shows up before a GPU lease."""
-import importlib.util
-from pathlib import Path
-
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_check():
-    spec = importlib.util.spec_from_file_location("cuda_check", ROOT / "bench" / "cuda_check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.conftest import load_bench
 
 
 def test_cuda_check_passes_on_cpu(tmp_path):
-    check = load_check()
+    check = load_bench("cuda_check")
     cpu = torch.device("cpu")
     for fn in (check.forward_check, check.mixed_check, check.generate_check, check.trees_check):
         fn(cpu)

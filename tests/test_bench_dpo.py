@@ -1,18 +1,9 @@
 """bench/dpo_vs_trl.py runs end to end on a tiny model (it must not rot); no speed is asserted."""
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "dpo_vs_trl.py"
-
-
-def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_dpo_vs_trl", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.conftest import load_bench
 
 
 def test_dpo_bench_on_tiny_model(tiny_model_dir, tmp_path):
@@ -24,7 +15,7 @@ def test_dpo_bench_on_tiny_model(tiny_model_dir, tmp_path):
                                          "rejected": [{"role": "assistant", "content": f"hello {w}"}]}) + "\n"
                              for w in ("quick", "lazy dog", "brown", "date", "world", "answer")))
     out = tmp_path / "dpo.json"
-    bench = load_bench()
+    bench = load_bench("dpo_vs_trl")
     result = bench.main(["--model", str(tiny_model_dir), "--threads", "1", "--warmup", "1", "--steps", "1",
                          "--rounds", "1", "--pairs", str(pairs), "--out", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))

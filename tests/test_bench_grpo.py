@@ -1,20 +1,11 @@
 """bench/grpo_vs_trl.py: both engines get the same prompts in the same steps and the same reward, and the
 benchmark runs end to end on a tiny model (it must not rot); no speed is asserted."""
 import argparse
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "grpo_vs_trl.py"
-
-
-def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_grpo_vs_trl", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.conftest import load_bench
 
 
 def test_trl_reads_prompts_in_plugtune_rollout_order():
@@ -22,7 +13,7 @@ def test_trl_reads_prompts_in_plugtune_rollout_order():
     from plugtune.data.preference import PromptItem
     from plugtune.training.rollouts import RolloutSource
 
-    bench = load_bench()
+    bench = load_bench("grpo_vs_trl")
     n, per_step, group = 6, 2, 3
     source = RolloutSource([PromptItem([i], {"i": i}) for i in range(n)], None,
                            RolloutConfig(prompts_per_step=per_step, samples_per_prompt=group), None, None, seed=bench.SEED)
@@ -38,7 +29,7 @@ def test_trl_reward_wrapper_scores_like_plugtune():
     from plugtune.data.preference import PromptItem
     from plugtune.training.rollouts import instructions_reward
 
-    bench = load_bench()
+    bench = load_bench("grpo_vs_trl")
     args = argparse.Namespace(prompts=bench.PROMPTS, prompts_per_step=2, warmup=1, steps=2)
     records = bench.prompt_records(args)
     assert len(records) == 6 and all(r["prompt"][0]["role"] == "user" for r in records)
@@ -60,7 +51,7 @@ def test_grpo_bench_on_tiny_model(tiny_model_dir, tmp_path):
                                enumerate([("what is the date", [{"type": "lowercase", "kwargs": {}}]),
                                           ("hello world", [{"type": "max_words", "kwargs": {"n": 3}}])])))
     out = tmp_path / "grpo.json"
-    bench = load_bench()
+    bench = load_bench("grpo_vs_trl")
     result = bench.main(["--model", str(tiny_model_dir), "--threads", "1", "--warmup", "1", "--steps", "1",
                          "--rounds", "1", "--group", "2", "--prompts-per-step", "1", "--max-new-tokens", "4",
                          "--prompts", str(prompts), "--out", str(out)])

@@ -1,25 +1,16 @@
 """bench/mixed_adapters.py runs end to end on a tiny model (it must not rot); no speed is asserted."""
-import importlib.util
 import json
-from pathlib import Path
 
 import torch
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "mixed_adapters.py"
-
-
-def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_mixed_adapters", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.conftest import load_bench
 
 
 def test_mixed_adapters_bench_on_tiny_model(tiny_model_dir, tmp_path):
     out = tmp_path / "mixed.json"
     threads = torch.get_num_threads()
     try:
-        result = load_bench().main(["--model", str(tiny_model_dir), "--threads", "1", "--repeats", "1",
+        result = load_bench("mixed_adapters").main(["--model", str(tiny_model_dir), "--threads", "1", "--repeats", "1",
                                     "--prompts", "2", "--new-tokens", "4", "--adapters", "2",
                                     "--train-rows", "1", "--train-steps", "1", "--out", str(out)])
     finally:
@@ -50,7 +41,7 @@ def test_mixed_adapters_bench_on_tiny_model(tiny_model_dir, tmp_path):
 def test_bench_adapters_are_nonzero_and_reach_the_requested_size(tiny_llama, tmp_path):
     from plugtune.adapters.layers import adapter_layers
 
-    dirs = load_bench().make_adapters(tiny_llama, 2, 4, 0.1, 0, tmp_path)
+    dirs = load_bench("mixed_adapters").make_adapters(tiny_llama, 2, 4, 0.1, 0, tmp_path)
     assert [d.name for d in dirs] == ["a0", "a1"] and all((d / "adapter_model.safetensors").is_file() for d in dirs)
     layers = [layer for _, layer in adapter_layers(tiny_llama)]
     assert len(layers) == 2 * 4  # q/k/v/o in 2 layers

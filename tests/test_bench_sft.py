@@ -1,20 +1,12 @@
 """bench/sft_vs_trl.py runs end to end on a tiny model (it must not rot) and its FLOP formula is exact;
 no speed is asserted."""
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "sft_vs_trl.py"
-
-
-def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_sft_vs_trl", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.conftest import load_bench
 
 
 def chat_file(path: Path) -> Path:
@@ -35,7 +27,7 @@ def test_sft_bench_on_tiny_model(tiny_model_dir, tmp_path):
     pytest.importorskip("trl")
     pytest.importorskip("datasets")
     out = tmp_path / "sft.json"
-    result = load_bench().main(["--model", str(tiny_model_dir), "--threads", "1", "--warmup", "1", "--steps", "1",
+    result = load_bench("sft_vs_trl").main(["--model", str(tiny_model_dir), "--threads", "1", "--warmup", "1", "--steps", "1",
                                 "--modes", "lora", "--layouts", "packed", "--peak-n", "128", "--peak-seconds", "0.1",
                                 "--data", str(chat_file(tmp_path / "chat.jsonl")), "--out", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
@@ -56,7 +48,7 @@ def test_sft_bench_on_tiny_model(tiny_model_dir, tmp_path):
 
 
 def test_bench_skips_without_data(tmp_path, capsys):
-    assert load_bench().main(["--data", str(tmp_path / "absent.jsonl")]) is None
+    assert load_bench("sft_vs_trl").main(["--data", str(tmp_path / "absent.jsonl")]) is None
     assert "missing" in capsys.readouterr().out
 
 
@@ -72,7 +64,7 @@ def test_flop_formula_matches_torch_flop_counter(tiny_model_dir, mode):
     from plugtune.models.tiny import build_model
     from plugtune.training.objectives import CausalLMObjective
 
-    bench = load_bench()
+    bench = load_bench("sft_vs_trl")
     dims = bench.model_dims(str(tiny_model_dir))
     g = torch.Generator().manual_seed(0)
     lengths = [30, 12, 20]

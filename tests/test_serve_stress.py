@@ -1,27 +1,18 @@
 """bench/serve_stress.py against the tiny model for a few seconds: a real `plugtune serve`
 subprocess on loopback under good, cancelled and bad requests from concurrent clients."""
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
+
+from tests.conftest import load_bench
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 pytest.importorskip("httpx")
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "serve_stress.py"
-
-
-def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_serve_stress", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 def test_server_survives_mixed_good_and_bad_load(tiny_model_dir, tmp_path):
-    bench = load_bench()
+    bench = load_bench("serve_stress")
     out = tmp_path / "stress.json"
     # One server thread: on a shared 2-core machine two would spin against the clients (see the bench).
     result = bench.main(["--model", str(tiny_model_dir), "--adapters", "2", "--clients", "4", "--duration", "5",
