@@ -349,7 +349,7 @@ def rss_report(samples: list[tuple[float, float]], t0: float, t1: float) -> dict
         return {}
     warm_t = t0 + 0.1 * (t1 - t0)
     after = [(t, m) for t, m in window if t >= warm_t] or window[-1:]
-    warm, end = after[0][1], after[-1][1]
+    warm, end = round(after[0][1], 1), round(after[-1][1], 1)  # as reported: growth_mb = end - after_warmup exactly
     slope = 0.0
     if len(after) > 1:
         mt, mm = sum(t for t, _ in after) / len(after), sum(m for _, m in after) / len(after)
@@ -360,7 +360,7 @@ def rss_report(samples: list[tuple[float, float]], t0: float, t1: float) -> dict
         if t >= next_t:
             per_s.append(round(m, 1))
             next_t = t + 1.0
-    return {"start": round(window[0][1], 1), "after_warmup": round(warm, 1), "end": round(end, 1),
+    return {"start": round(window[0][1], 1), "after_warmup": warm, "end": end,
             "peak": round(max(m for _, m in window), 1), "growth_mb": round(end - warm, 1),
             "growth_pct": round(100 * (end - warm) / warm, 2), "slope_mb_per_min": round(slope, 2), "per_s": per_s}
 
