@@ -26,7 +26,7 @@ VARIANTS = {
 
 
 def main() -> None:
-    from plugtune.demo import run_demo
+    from plugtune.demos.skill import run_demo
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--skill", default="dates")

@@ -95,8 +95,8 @@ def generate_check(dev):
 
 def trees_check(dev):
     from plugtune.data.preference import PromptItem
-    from plugtune.training.logprobs import token_logps
-    from plugtune.training.rollouts import build_rollout
+    from plugtune.training.compute.token_logps import token_logps
+    from plugtune.training.recipes.rollouts import build_rollout
 
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, 400, (n,), generator=g).tolist() for n in (7, 12)]
@@ -182,7 +182,7 @@ def timings(dev):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from plugtune.inference.generate import GenerationConfig, generate_ids
-    from plugtune.training.logprobs import token_logps
+    from plugtune.training.compute.token_logps import token_logps
 
     cfg = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                       num_key_value_heads=3, vocab_size=49152, max_position_embeddings=2048, tie_word_embeddings=True,

@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 
 from plugtune.config import TrainingConfig
-from plugtune.data.topics import topic_split
-from plugtune.training.classification import train_classifier
+from plugtune.tasks.topics import topic_split
+from plugtune.training.recipes.classification import train_classifier
 
 # name -> (method, adapter config, learning rate chosen by --select-lr)
 METHODS = {

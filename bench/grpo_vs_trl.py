@@ -7,11 +7,11 @@
                                 --group 2 --prompts-per-step 1 --max-new-tokens 4              # smoke run
 
 Workload: the first prompts_per_step x (warmup + steps) verifiable-instruction prompts of
-plugtune/data/instructions/train.jsonl, as conversational prompts ([{"role": "user", ...}]) rendered by the
+plugtune/tasks/instructions/train.jsonl, as conversational prompts ([{"role": "user", ...}]) rendered by the
 tokenizer's chat template on both sides (checked: the token ids are compared before the runs). Each
 optimizer step generates G (--group) completions for each of its --prompts-per-step prompts, at most
 --max-new-tokens tokens, temperature 1.0, no top-p/top-k, stopping at EOS; scores them with the
-instruction checker (plugtune.data.instructions.compliance_reward, wrapped to TRL's reward signature
+instruction checker (plugtune.tasks.instructions.checkers.compliance_reward, wrapped to TRL's reward signature
 `(prompts, completions, **kwargs) -> list[float]`); normalises the rewards per group (mean and std); and
 takes one optimizer step on all of them: one optimisation pass per generation batch, so the policy ratio
 is exactly 1 (plugtune: rollout.epochs=1, rollout.minibatches=1; TRL: num_iterations=1 and
@@ -57,7 +57,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # plugtune from this checkout, installed or not
-PROMPTS = ROOT / "plugtune" / "data" / "instructions" / "train.jsonl"
+PROMPTS = ROOT / "plugtune" / "tasks" / "instructions" / "train.jsonl"
 LORA = {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
 LR, TEMPERATURE, CLIP, SEED = 5e-4, 1.0, 0.2, 0
 
@@ -89,7 +89,7 @@ def step_order(n: int) -> list[int]:
 def compliance(prompts, completions, constraints_json, **unused) -> list[float]:
     """compliance_reward in TRL's reward signature. The constraints travel as JSON text: an Arrow column
     of dicts would merge every constraint's kwargs into one struct (missing keys as None)."""
-    from plugtune.data.instructions import compliance_reward
+    from plugtune.tasks.instructions.checkers import compliance_reward
 
     texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]  # conversational: a turn
     return compliance_reward([{"constraints": json.loads(c)} for c in constraints_json], texts)
@@ -306,7 +306,7 @@ def main(argv: list[str] | None = None) -> dict | None:
                 "temperature": TEMPERATURE, "top_p": 1.0, "top_k": 0, "dtype": "float32", "lora": LORA, "lr": LR,
                 "schedule": "constant", "max_grad_norm": 1.0, "beta": args.beta, "clip": CLIP,
                 "scale_rewards": "group", "loss_aggregation": {"trl": "dapo", "plugtune": "token_mean"},
-                "passes_per_generation": 1, "reward": "plugtune.data.instructions.compliance_reward",
+                "passes_per_generation": 1, "reward": "plugtune.tasks.instructions.checkers.compliance_reward",
                 "prompts_file": str(args.prompts), "prompts": prompts,
                 "trl": {"bf16": False, "fp16": False, "gradient_checkpointing": False, "use_cpu": True,
                         "activation_checkpointing": False,

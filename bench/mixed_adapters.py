@@ -49,7 +49,7 @@ def chat_prompts(tokenizer, n: int, target: int) -> list[list[int]]:
     """n templated user prompts of at most `target` tokens (at least one word of content): the user
     text is the i-th skill test prompt followed by the next ones, cut at the last word that fits."""
     from plugtune.data import load_examples, prompt_ids
-    from plugtune.data.skills import skill_files
+    from plugtune.tasks.skills.generate import skill_files
 
     texts = [[ex.prompt_messages()[-1]["content"] for ex in load_examples(skill_files(s)[1])] for s in SKILLS]
     stream = [texts[i % len(SKILLS)][i // len(SKILLS)] for i in range(n + 8)]
@@ -172,7 +172,7 @@ def training_rows(tokenizer, rows: int, length: int) -> dict[str, list]:
     """`rows` tokenized examples per skill, each several turns of that skill joined until it reaches
     `length` tokens, then cut there (but never inside its first turn), loss on the assistant turns."""
     from plugtune.data import Example, Tokenized, load_examples, tokenize_example
-    from plugtune.data.skills import skill_files
+    from plugtune.tasks.skills.generate import skill_files
 
     per_skill = {}
     for skill in TRAIN_SKILLS:
@@ -192,9 +192,9 @@ def training_rows(tokenizer, rows: int, length: int) -> dict[str, list]:
 
 
 def lm_loss(model, batch: dict) -> torch.Tensor:
-    """Mean token loss over the batch. (plugtune.training.multitask normalises each adapter by its
+    """Mean token loss over the batch. (plugtune.training.recipes.multitask normalises each adapter by its
     own tokens instead; the work per step, which is what is timed here, is the same.)"""
-    from plugtune.training.objectives import CausalLMObjective
+    from plugtune.training.compute.next_token import CausalLMObjective
 
     objective = CausalLMObjective()
     loss_sum, _ = objective(model, batch)

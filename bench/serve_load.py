@@ -128,7 +128,7 @@ class ServerProcess:
     def metrics(self) -> dict:
         import httpx
 
-        from plugtune.serve.metrics import parse
+        from plugtune.serve.prometheus import parse
 
         return parse(httpx.get(self.url + "/metrics", timeout=10).text)
 

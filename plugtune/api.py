@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from plugtune.inference.pool import LanguageModel
+from plugtune.inference.language_model import LanguageModel
 from plugtune.models.loading import load_base
 
 

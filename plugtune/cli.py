@@ -126,7 +126,7 @@ def cmd_chat(args) -> None:
 
 def cmd_eval(args) -> None:
     if args.reward_model:  # the data are preference pairs; report the reward model's pairwise accuracy
-        from plugtune.training.reward import evaluate_reward_model
+        from plugtune.evaluation import evaluate_reward_model
 
         print(json.dumps(evaluate_reward_model(args.reward_model, args.data, args.model, args.limit, args.max_length,
                                                args.dtype, args.device, args.force), indent=2))
@@ -154,18 +154,18 @@ def cmd_eval(args) -> None:
 
 def cmd_demo(args) -> None:
     if args.align:
-        from plugtune.align_demo import run_align_demo
+        from plugtune.demos.align import run_align_demo
 
         run_align_demo(model=args.model, out=args.out if args.out != "runs/demo" else "runs/align")
         return
     if args.skills:
-        from plugtune.skills_demo import run_skills_demo
+        from plugtune.demos.skills import run_skills_demo
 
         run_skills_demo([s.strip() for s in args.skills.split(",") if s.strip()], model=args.model,
                         out=args.out if args.out != "runs/demo" else "runs/skills", steps=args.steps,
                         n_test=args.n_test if args.n_test != 100 else 50, overrides=args.overrides)
         return
-    from plugtune.demo import run_demo
+    from plugtune.demos.skill import run_demo
 
     run_demo(skill=args.skill, model=args.model, out=args.out, steps=args.steps, n_test=args.n_test,
              overrides=args.overrides)
@@ -268,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_combine_parser(adapters_sub)
     add_check_parser(adapters_sub)
     add_serve_parser(sub)
-    from plugtune.compare import add_compare_parser
+    from plugtune.compare.runner import add_compare_parser
 
     add_compare_parser(sub)
 
@@ -283,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     from plugtune.adapters.io import AdapterFileError, AdapterMismatchError
     from plugtune.config import ConfigError
     from plugtune.data.formats import DataError
-    from plugtune.training.loop import NonFiniteLossError
+    from plugtune.training.engine.loop import NonFiniteLossError
 
     args = build_parser().parse_args(argv)
     try:

@@ -1,8 +1,12 @@
 """Typed run configuration: YAML -> nested dataclasses, strict keys, `a.b=c` overrides.
 
-A run config has four fixed sections (model, data, training, output) plus `method` and
-`adapter`. `adapter` holds the parameters of the chosen adapter method; it is converted to
-that method's own config dataclass by the adapter registry, so each method owns its keys.
+A run config has the sections model, data, output (defined here), training (the loop's settings,
+training/engine/settings.py), `method` + `adapter`, and one section per objective. Each section is
+owned by the code that reads it: `adapter` is converted to the chosen method's own config dataclass
+by the adapter registry; `reward`, `dpo`, `rollout`, `ppo`, `grpo`, `adapters` and `router` are
+dataclasses defined beside their recipe (training/recipes/), and each recipe checks its own section
+(`check_config`). Validation asks those registries (adapter methods, RECIPES, the losses they name)
+instead of keeping lists of its own. This module sits above the recipes and below run.py.
 """
 from __future__ import annotations
 
@@ -12,7 +16,21 @@ from typing import Any
 
 import yaml
 
+from plugtune.adapters import registry
 from plugtune.schema import ConfigError, from_dict, to_dict  # noqa: F401  (re-exported)
+from plugtune.training.engine.settings import TrainingConfig
+from plugtune.training.recipes import RECIPES, multitask
+from plugtune.training.recipes.dpo import DPOConfig
+from plugtune.training.recipes.grpo import GRPOConfig
+from plugtune.training.recipes.multitask import RouterConfig, TaskConfig
+from plugtune.training.recipes.ppo import PPOConfig
+from plugtune.training.recipes.reward_model import RewardConfig
+from plugtune.training.recipes.rollouts import RolloutConfig
+
+__all__ = ["ConfigError", "DPOConfig", "DataConfig", "GRPOConfig", "ModelConfig", "OutputConfig", "PPOConfig",
+           "RewardConfig", "RolloutConfig", "RouterConfig", "RunConfig", "TaskConfig", "TrainingConfig",
+           "apply_overrides", "from_dict", "load_run_config", "resolve_config_path", "shipped_configs", "to_dict",
+           "validate_run_config"]
 
 
 @dataclass
@@ -43,123 +61,11 @@ class DataConfig:
 
 
 @dataclass
-class TrainingConfig:
-    max_steps: int = 0  # optimizer steps; 0 = derive from epochs
-    epochs: float = 1.0
-    batch_size: int = 8  # examples per micro-batch
-    grad_accum: int = 1  # micro-batches per optimizer step
-    lr: float = 2e-4
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    warmup_steps: int = 0
-    schedule: str = "cosine"  # cosine | linear | constant
-    min_lr_ratio: float = 0.0  # cosine/linear decay floor, as a fraction of lr
-    max_grad_norm: float = 1.0  # 0 disables clipping
-    seed: int = 0
-    log_every: int = 1
-    eval_every: int = 0  # 0 = only at the end (when data.eval is set)
-    save_every: int = 0  # 0 = only the final checkpoint
-    keep_checkpoints: int = 2
-    progress: bool = True
-    on_nonfinite: str = "stop"  # stop | skip : a NaN/inf loss or gradient stops the run or skips the step
-    # Under torchrun (WORLD_SIZE > 1): auto = ddp (replicas, gradients summed) | fsdp (FSDP2 shards).
-    distributed: str = "auto"
-    report_to: list[str] = field(default_factory=list)  # tensorboard | mlflow | wandb, all offline
-    gradient_checkpointing: bool = False  # recompute layer activations in the backward: less memory, ~1/3 slower
-    threads: int = 0  # torch intra-op threads for the run; 0 = leave as is (OMP_NUM_THREADS or all cores)
-
-
-@dataclass
 class OutputConfig:
     dir: str = "runs/plugtune"
     resume: str = "auto"  # auto (latest checkpoint in dir if any) | never | a checkpoint directory
     overwrite: bool = False  # start afresh in a dir that holds another run: its checkpoints and logs are removed
     plot: bool = True  # write loss_curve.png at the end
-
-
-@dataclass
-class TaskConfig:
-    """One adapter of a multi-task run: its method and keys, and its own data."""
-
-    method: str = "lora"
-    adapter: dict[str, Any] = field(default_factory=dict)  # the method's parameters
-    train: str = ""  # this adapter's training file
-    eval: str = ""  # optional held-out file
-    format: str = "auto"
-    rows: int = 0  # rows of every micro-batch taken from this adapter's data; 0: an equal share of batch_size
-
-
-@dataclass
-class RouterConfig:
-    build: bool = True  # build a router from the adapters' training prompts (multi-task runs)
-    max_prompts: int = 256  # training prompts per adapter used to fit it
-    quantile: float = 0.01  # similarity threshold: this quantile of an adapter's own prompts ...
-    margin: float = 0.02  # ... minus this margin
-    min_prob: float = 0.5
-
-
-@dataclass
-class RewardConfig:
-    """Reward model: a scalar head on the last non-padding token, Bradley-Terry loss."""
-
-    center_rewards_coefficient: float = 0.0  # TRL's reward centring: + c * (r_c + r_r)^2 (Eisenstein et al. 2023)
-    head_init_std: float = 0.0  # 0: 1/sqrt(hidden + 1), as TRL initialises its score head
-
-
-@dataclass
-class DPOConfig:
-    """The DPO family on preference pairs."""
-
-    loss: str = "sigmoid"  # sigmoid (DPO) | cdpo | ipo | simpo | orpo
-    beta: float = 0.1
-    label_smoothing: float = 0.0  # cdpo's epsilon
-    simpo_gamma: float = 0.5  # SimPO's target margin (the paper's gamma)
-    orpo_lambda: float = 0.1
-    rpo_alpha: float = 0.0  # > 0: add alpha x the chosen answer's NLL per token (RPO, Pang et al. 2024; TRL's rpo_alpha)
-    precompute_ref: bool = False  # compute the reference log-probs once before training and cache them
-    max_prompt_length: int = 0  # 0: no separate prompt limit
-
-
-@dataclass
-class RolloutConfig:
-    """What PPO and GRPO generate and how it is scored."""
-
-    prompts_per_step: int = 8  # prompts in one rollout batch
-    samples_per_prompt: int = 1  # completions per prompt (GRPO's group size G; PPO usually 1)
-    max_new_tokens: int = 64
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    epochs: int = 1  # optimisation passes over each rollout batch (PPO epochs / GRPO iterations)
-    minibatches: int = 1  # optimizer steps per pass
-    reward_functions: list[str] = field(default_factory=list)  # registered names or "module:function"
-    reward_model: str = ""  # a reward model directory (plugtune train objective=reward)
-    missing_eos_penalty: float = 0.0  # subtracted from the score of a completion that never ended
-
-
-@dataclass
-class PPOConfig:
-    kl_coef: float = 0.05  # beta of the per-token KL penalty (InstructGPT eq. 2)
-    kl_estimator: str = "k1"  # k1 | k3
-    adaptive_kl: bool = False  # Ziegler et al. 2019's controller towards kl_target
-    kl_target: float = 6.0
-    kl_horizon: int = 10000
-    gamma: float = 1.0
-    lam: float = 0.95
-    clip_range: float = 0.2
-    value_clip: float = 0.2
-    vf_coef: float = 0.1
-    whiten_advantages: bool = True
-    value_lr_scale: float = 1.0  # the value head's learning rate, as a multiple of training.lr
-
-
-@dataclass
-class GRPOConfig:
-    beta: float = 0.0  # KL (k3) to the reference; 0 skips the reference pass
-    clip_low: float = 0.2
-    clip_high: float = 0.2  # DAPO's clip-higher: e.g. 0.28
-    scale_rewards: bool = True  # False: Dr. GRPO (no division by the group's std)
-    loss_aggregation: str = "sequence_mean"  # sequence_mean (GRPO) | token_mean (DAPO) | constant_normaliser (Dr. GRPO)
 
 
 @dataclass
@@ -173,7 +79,7 @@ class RunConfig:
     # Multi-task: several adapters trained at once, each on its own data, in shared mixed batches.
     adapters: dict[str, TaskConfig] = field(default_factory=dict)
     router: RouterConfig = field(default_factory=RouterConfig)
-    # What is optimised: sft (next-token loss on data.train) | reward | dpo | ppo | grpo.
+    # What is optimised: a name in training.recipes.RECIPES: sft (next-token loss on data.train) | reward | dpo | ppo | grpo.
     objective: str = "sft"
     reward: RewardConfig = field(default_factory=RewardConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
@@ -217,8 +123,6 @@ def load_run_config(path: str | Path | None = None, overrides: list[str] | None 
 
 
 def validate_run_config(cfg: RunConfig) -> None:
-    from plugtune.adapters import registry  # late import: registry imports method modules
-
     choices = {
         "data.overflow": (cfg.data.overflow, ("truncate", "drop")),
         "data.train_on": (cfg.data.train_on, ("responses", "all")),
@@ -226,45 +130,17 @@ def validate_run_config(cfg: RunConfig) -> None:
         "training.schedule": (cfg.training.schedule, ("cosine", "linear", "constant")),
         "model.dtype": (cfg.model.dtype, ("auto", "float32", "bfloat16")),
         "training.on_nonfinite": (cfg.training.on_nonfinite, ("stop", "skip")),
-        "objective": (cfg.objective, ("sft", "reward", "dpo", "ppo", "grpo")),
-        "dpo.loss": (cfg.dpo.loss, ("sigmoid", "cdpo", "ipo", "simpo", "orpo")),
-        "ppo.kl_estimator": (cfg.ppo.kl_estimator, ("k1", "k3")),
-        "grpo.loss_aggregation": (cfg.grpo.loss_aggregation, ("sequence_mean", "token_mean", "constant_normaliser")),
+        "objective": (cfg.objective, tuple(RECIPES)),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}")
-    if cfg.adapters and cfg.objective != "sft":
-        raise ConfigError(f"objective={cfg.objective} trains one model or adapter; multi-task runs (adapters:) are SFT only")
-    if cfg.objective in ("ppo", "grpo"):
-        r = cfg.rollout
-        if not r.reward_functions and not r.reward_model:
-            raise ConfigError(f"objective={cfg.objective} needs a reward: set rollout.reward_functions (e.g. "
-                              "[instructions]) or rollout.reward_model (a directory from objective=reward)")
-        if cfg.objective == "grpo" and r.samples_per_prompt < 2:
-            raise ConfigError("GRPO compares samples of the same prompt: set rollout.samples_per_prompt >= 2")
-        if min(r.prompts_per_step, r.max_new_tokens, r.epochs, r.minibatches) < 1:
-            raise ConfigError("rollout.prompts_per_step, max_new_tokens, epochs and minibatches must be >= 1")
-        if (r.prompts_per_step * r.samples_per_prompt) % r.minibatches:
-            raise ConfigError(f"rollout.minibatches={r.minibatches} must divide the rollout batch "
-                              f"({r.prompts_per_step} prompts x {r.samples_per_prompt} samples)")
-    if cfg.adapters:
-        if cfg.adapter:
-            raise ConfigError("a run has either one adapter (method + adapter) or several (adapters: {name: "
-                              "{method, adapter, train, ...}}); move the top-level 'adapter' keys into each entry")
-        for name, task in cfg.adapters.items():
-            if task.method == "full":
-                raise ConfigError(f"adapters.{name}.method=full: a multi-task run trains adapters on a frozen base")
-            registry.get_method(task.method).parse_config(task.adapter)
-            if not task.train:
-                raise ConfigError(f"adapters.{name}.train is not set: give each adapter its training file")
-            if task.rows < 0:
-                raise ConfigError(f"adapters.{name}.rows must be >= 0")
-    elif cfg.method == "full":
-        if cfg.adapter:
+    (multitask if cfg.adapters else RECIPES[cfg.objective]).check_config(cfg)  # the recipe's own section
+    if not cfg.adapters:  # (a multi-task run's adapters are its recipe's to check)
+        if cfg.method == "full" and cfg.adapter:
             raise ConfigError("method=full trains every parameter: remove the 'adapter' section")
-    else:
-        registry.get_method(cfg.method).parse_config(cfg.adapter)  # raises on unknown keys
+        if cfg.method != "full":
+            registry.get_method(cfg.method).parse_config(cfg.adapter)  # raises on unknown keys
     for key in ("packing", "group_by_length"):
         if getattr(cfg.data, key) not in (True, False, "auto"):
             raise ConfigError(f"data.{key}={getattr(cfg.data, key)!r} is not one of auto, true, false")

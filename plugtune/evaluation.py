@@ -1,17 +1,21 @@
-"""Evaluation: loss/perplexity on a dataset, and exact-match accuracy of generated answers."""
+"""Evaluation: loss/perplexity on a dataset, exact-match accuracy of generated answers, and a reward
+model's pairwise accuracy on preference pairs (`plugtune eval --reward-model`)."""
 from __future__ import annotations
 
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from torch import nn
 
 from plugtune.data import Example, tokenize_dataset
 from plugtune.data.batching import collate
+from plugtune.data.preference import load_preferences
 from plugtune.inference.generate import GenerationConfig, generate
-from plugtune.training.loop import evaluate_loss
-from plugtune.training.objectives import CausalLMObjective
+from plugtune.inference.reward_model import load_reward_model, pairwise_accuracy, read_meta
+from plugtune.training.compute.next_token import CausalLMObjective
+from plugtune.training.engine.loop import evaluate_loss
 
 
 @dataclass
@@ -74,3 +78,15 @@ def exact_match(model: nn.Module, tokenizer, examples: list[Example], gen: Gener
     correct = sum(s["correct"] for s in samples)
     return ExactMatchResult(accuracy=correct / len(samples), correct=correct, total=len(samples),
                             seconds=time.perf_counter() - t0, samples=samples)
+
+
+def evaluate_reward_model(path: str | Path, data: str | Path, base: str | None = None, limit: int = 0,
+                          max_length: int = 512, dtype: str = "auto", device: str = "auto", force: bool = False) -> dict:
+    """`plugtune eval --reward-model DIR --data pairs.jsonl`: pairwise accuracy on a pairs file. `base`:
+    the base model of an adapter reward model (default: the one recorded at training); a full reward
+    model is its own base."""
+    pairs = load_preferences(data)
+    pairs = pairs[:limit] if limit else pairs
+    model = base if read_meta(path)["adapter"] else None
+    scorer = load_reward_model(path, model, dtype=dtype, device=device, force=force)
+    return {"data": str(data), "reward_model": str(path), **pairwise_accuracy(scorer, pairs, max_length)}

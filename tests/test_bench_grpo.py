@@ -11,7 +11,7 @@ from tests.conftest import load_bench
 def test_trl_reads_prompts_in_plugtune_rollout_order():
     from plugtune.config import RolloutConfig
     from plugtune.data.preference import PromptItem
-    from plugtune.training.rollouts import RolloutSource
+    from plugtune.training.recipes.rollouts import RolloutSource
 
     bench = load_bench("grpo_vs_trl")
     n, per_step, group = 6, 2, 3
@@ -27,7 +27,7 @@ def test_trl_reads_prompts_in_plugtune_rollout_order():
 
 def test_trl_reward_wrapper_scores_like_plugtune():
     from plugtune.data.preference import PromptItem
-    from plugtune.training.rollouts import instructions_reward
+    from plugtune.training.recipes.rollouts import instructions_reward
 
     bench = load_bench("grpo_vs_trl")
     args = argparse.Namespace(prompts=bench.PROMPTS, prompts_per_step=2, warmup=1, steps=2)

@@ -62,7 +62,7 @@ def test_flop_formula_matches_torch_flop_counter(tiny_model_dir, mode):
     from plugtune.data.packing import collate_packed
     from plugtune.data.tokenize import Tokenized
     from plugtune.models.tiny import build_model
-    from plugtune.training.objectives import CausalLMObjective
+    from plugtune.training.compute.next_token import CausalLMObjective
 
     bench = load_bench("sft_vs_trl")
     dims = bench.model_dims(str(tiny_model_dir))

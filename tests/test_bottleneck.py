@@ -10,7 +10,7 @@ from plugtune.adapters import (adapter_layers, adapter_state, attach_adapter, lo
 from plugtune.adapters.layers import base_parameters
 from plugtune.adapters.methods.bottleneck import BottleneckAdapter, BottleneckConfig
 from plugtune.models.tiny import build_model
-from plugtune.training.objectives import CausalLMObjective
+from plugtune.training.compute.next_token import CausalLMObjective
 
 ARCHS = ["llama", "gpt2"]
 VARIANTS = ["houlsby", "pfeiffer"]

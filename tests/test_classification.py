@@ -10,11 +10,12 @@ import torch.nn.functional as F
 
 from plugtune.adapters.layers import adapter_state
 from plugtune.config import TrainingConfig
-from plugtune.data.topics import TopicSplit
+from plugtune.tasks.topics import TopicSplit
 from plugtune.models.tiny import build_classifier, build_tokenizer
-from plugtune.training.classification import (ClassificationObjective, batch_stream, collate, evaluate_accuracy,
+from plugtune.training.recipes.classification import (ClassificationObjective, batch_stream, collate, evaluate_accuracy,
                                               prepare_classifier, train_classifier)
-from plugtune.training.loop import IndexedBatches, fit
+from plugtune.training.engine.loop import fit
+from plugtune.training.engine.types import IndexedBatches
 
 # Three classes, each with its own words (all in the tiny tokenizer's corpus): separable by design.
 POOLS = [["quick", "brown", "fox", "jumps"], ["lazy", "dog", "over", "the"], ["January", "February", "March", "May"]]
@@ -114,7 +115,7 @@ def test_train_classifier_end_to_end_on_a_local_encoder_dir(tok, tmp_path):
 
 
 def test_missing_packages_are_clear_errors(monkeypatch):
-    from plugtune.data import topics
+    from plugtune.tasks import topics
     from plugtune.models import encoder
 
     def missing(name):
@@ -131,7 +132,7 @@ def test_missing_packages_are_clear_errors(monkeypatch):
 
 @pytest.mark.skipif(not has("chatterbot-corpus"), reason="pip install --no-deps chatterbot-corpus")
 def test_topic_split_is_fixed_stratified_and_disjoint():
-    from plugtune.data.topics import topic_examples, topic_split
+    from plugtune.tasks.topics import topic_examples, topic_split
 
     split = topic_split()
     assert len(split.label_names) == 21 and split == topic_split()  # seeded: the same split every time

@@ -10,7 +10,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from plugtune.compare import (add_compare_parser, load_compare_config, perturb, run_compare,
+from plugtune.compare.runner import (add_compare_parser, load_compare_config, perturb, run_compare,
                               shipped_compare_configs)
 from plugtune.config import ConfigError
 

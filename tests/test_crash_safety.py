@@ -17,13 +17,14 @@ import torch
 import plugtune
 from plugtune.adapters import attach_adapter
 from plugtune.config import ConfigError, TrainingConfig, load_run_config
-from plugtune.data.batching import micro_batch
+from tests.references import micro_batch
 from plugtune.data.tokenize import IGNORE_INDEX, Tokenized
 from plugtune.models.tiny import build_model
-from plugtune.training import checkpoint
-from plugtune.training.checkpoint import CheckpointWriteError, list_checkpoints, publish
-from plugtune.training.loop import IndexedBatches, NonFiniteLossError, fit
-from plugtune.training.metrics import MetricsLog
+from plugtune.training.engine import checkpoint
+from plugtune.training.engine.checkpoint import CheckpointWriteError, list_checkpoints, publish
+from plugtune.training.engine.loop import fit
+from plugtune.training.engine.types import IndexedBatches, NonFiniteLossError
+from plugtune.training.engine.metrics_log import MetricsLog
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 400

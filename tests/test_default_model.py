@@ -41,7 +41,7 @@ def test_chatml_masking_on_the_real_tokenizer(default_model):
 def test_demo_pipeline_few_steps(tmp_path, default_model):
     from plugtune.adapters import load_adapter
     from plugtune.data import load_examples
-    from plugtune.demo import run_demo
+    from plugtune.demos.skill import run_demo
     from plugtune.evaluation import exact_match
     from plugtune.inference.generate import GenerationConfig
     from plugtune.models import load_base

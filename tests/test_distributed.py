@@ -19,7 +19,7 @@ import plugtune
 from plugtune.adapters import attach_adapter
 from plugtune.config import load_run_config
 from plugtune.data.tokenize import IGNORE_INDEX
-from plugtune.training.distributed import Distributed, GradSync, shard_batch
+from plugtune.training.engine.distributed import Distributed, GradSync, shard_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -255,7 +255,7 @@ def test_only_trainable_gradients_are_summed(tmp_path):
 
 def test_grpo_under_ddp_runs_and_resumes_exactly(tmp_path, tiny_model_dir, monkeypatch):
     """Each rank generates its own prompt groups; each rank's rollout buffer is in the checkpoint."""
-    from plugtune.training.rollouts import REWARD_FUNCTIONS
+    from plugtune.training.recipes.rollouts import REWARD_FUNCTIONS
 
     monkeypatch.setitem(REWARD_FUNCTIONS, "length", lambda prompts, completions: [len(c) / 10 for c in completions])
     prompts = tmp_path / "prompts.jsonl"
@@ -326,7 +326,7 @@ def _items(n, seed=0, vocab=400):
 def test_padded_and_packed_sft_shards_add_up(tiny_llama):
     from plugtune.data.batching import collate
     from plugtune.data.packing import collate_packed
-    from plugtune.training.objectives import CausalLMObjective
+    from plugtune.training.compute.next_token import CausalLMObjective
 
     attach_adapter(tiny_llama, "lora", {"r": 4})
     items = _items(7)
@@ -349,8 +349,8 @@ def test_pair_shards_keep_pairs_together(tiny_llama):
     from plugtune.config import DPOConfig, RewardConfig
     from plugtune.data.preference import TokenizedPair
     from plugtune.models.heads import attach_head
-    from plugtune.training.dpo import PreferenceObjective, collate_referenced
-    from plugtune.training.reward import RewardObjective
+    from plugtune.training.recipes.dpo import PreferenceObjective, collate_referenced
+    from plugtune.training.recipes.reward_model import RewardObjective
 
     attach_adapter(tiny_llama, "lora", {"r": 4})
     pairs = []
@@ -373,7 +373,7 @@ def test_multitask_shards_add_up_per_adapter(tiny_llama):
     its own tokens over all ranks (a rank may hold no row of some adapter)."""
     from plugtune.adapters.layers import mark_trainable
     from plugtune.data.batching import collate
-    from plugtune.training.multitask import MultiTaskLMObjective
+    from plugtune.training.recipes.multitask import MultiTaskLMObjective
 
     for name in ("a", "b"):
         attach_adapter(tiny_llama, "lora", {"r": 4}, name=name, trainable=False)

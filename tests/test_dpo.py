@@ -15,11 +15,12 @@ from plugtune.adapters import adapter_state, adapters_disabled, attach_adapter
 from plugtune.config import DPOConfig, load_run_config
 from plugtune.data.preference import TokenizedPair, collate_pairs, load_preferences
 from plugtune.models.tiny import CHATML_TEMPLATE, build_model, build_tokenizer, save_tiny_model_dir
-from plugtune.training import dpo
-from plugtune.training.logprobs import token_logps
-from plugtune.training.loop import IndexedBatches, evaluate, fit
-from plugtune.training.losses import PREFERENCE_LOSSES, PreferenceLogps, dpo_loss
-from plugtune.training.pairs import completion_logps, pack_pairs, pair_hidden, plan
+from plugtune.training.recipes import dpo
+from plugtune.training.compute.token_logps import token_logps
+from plugtune.training.engine.loop import evaluate, fit
+from plugtune.training.engine.types import IndexedBatches
+from plugtune.training.compute.losses import PREFERENCE_LOSSES, PreferenceLogps, dpo_loss
+from plugtune.training.compute.prompt_trees import completion_logps, pack_pairs, tree_hidden, plan
 
 VOCAB = 400
 FILLER = ["the quick", "brown fox", "lazy dog", "over the", "jumps", "hello world", "what is", "answer"]
@@ -82,7 +83,7 @@ def test_prefix_sharing_forward_equals_the_padded_forward_values_and_gradients(a
     results = []
     for layout in (packed, None):
         model = lora_model(arch, impl)
-        per_token, mask = completion_logps(model, pair_hidden(model, batch, layout), batch["labels"])
+        per_token, mask = completion_logps(model, tree_hidden(model, batch, layout), batch["labels"])
         per_token.sum().backward()
         results.append((per_token, {n: p.grad for n, p in adapter_state(model, "default").items()}))
     assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-5)
@@ -281,7 +282,7 @@ def test_unpaired_data_is_refused_before_the_model_loads(tmp_path):
 
 # ---- the shipped preference pairs ------------------------------------------------------------------
 
-SKILLS = Path(__file__).resolve().parents[1] / "plugtune" / "data" / "skills"
+SKILLS = Path(__file__).resolve().parents[1] / "plugtune" / "tasks" / "skills"
 
 
 def date_pairs(split: str, n: int) -> list[dict]:

@@ -12,7 +12,7 @@ from plugtune.adapters import (adapter_layers, adapter_state, attach_adapter, lo
 from plugtune.adapters.layers import base_parameters
 from plugtune.adapters.methods.ia3 import IA3Config, IA3Linear
 from plugtune.models.tiny import build_model
-from plugtune.training.objectives import CausalLMObjective
+from plugtune.training.compute.next_token import CausalLMObjective
 
 ARCHS = ["llama", "gpt2"]
 VOCAB = 400

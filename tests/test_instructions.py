@@ -3,10 +3,10 @@ import json
 
 import pytest
 
-from plugtune.data.instructions import (CHECKERS, TYPES, accuracy_by_type, build_split, check_response,
+from plugtune.tasks.instructions.checkers import (CHECKERS, TYPES, accuracy_by_type, build_split, check_response,
                                         compliance_reward, count_words, load_records, split_files,
                                         strict_accuracy)
-from plugtune.data.skills import dump_jsonl
+from plugtune.tasks.skills.generate import dump_jsonl
 
 # (type, kwargs, response, expected)
 CASES = [

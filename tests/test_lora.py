@@ -8,7 +8,7 @@ import torch
 from plugtune.adapters import (adapter_state, attach_adapter, load_adapter, merge_adapters, save_adapter,
                                unmerge_adapters, unwrap_merged)
 from plugtune.models.tiny import build_model
-from plugtune.training.objectives import CausalLMObjective
+from plugtune.training.compute.next_token import CausalLMObjective
 from tests.conftest import random_batch
 
 VOCAB = 400

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from plugtune.training.losses import (
+from plugtune.training.compute.losses import (
     AdaptiveKLController, FixedKLController, aggregate, clipped_value_loss, gae, group_advantages, kl_k1, kl_k2,
     kl_k3, masked_whiten, per_token_rewards, ppo_clip_loss, sum_and_units)
 

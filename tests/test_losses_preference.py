@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from plugtune.training.losses import (
+from plugtune.training.compute.losses import (
     IPO, ORPO, PREFERENCE_LOSSES, ConservativeDPO, PreferenceLogps, SigmoidDPO, SimPO, bradley_terry_loss,
     dpo_loss, ipo_loss, orpo_loss, simpo_loss)
 

@@ -5,11 +5,13 @@ import torch
 
 from plugtune.adapters import attach_adapter
 from plugtune.config import TrainingConfig
-from plugtune.data import load_examples, micro_batch, tokenize_dataset
+from plugtune.data import load_examples, tokenize_dataset
+from tests.references import micro_batch
 from plugtune.data.batching import collate
 from plugtune.models.tiny import build_model
-from plugtune.training.loop import IndexedBatches, evaluate_loss, fit
-from plugtune.training.objectives import CausalLMObjective
+from plugtune.training.engine.loop import evaluate_loss, fit
+from plugtune.training.engine.types import IndexedBatches
+from plugtune.training.compute.next_token import CausalLMObjective
 
 VARIANTS = {
     "lora": ("lora", {"r": 8, "alpha": 16}, 1e-2),

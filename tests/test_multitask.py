@@ -11,8 +11,9 @@ from plugtune.config import TrainingConfig, load_run_config
 from plugtune.data import collate, load_examples, tokenize_dataset
 from plugtune.data.batching import batch_indices
 from plugtune.models.tiny import build_model
-from plugtune.training.loop import IndexedBatches, ParamGroup, fit
-from plugtune.training.multitask import MixedTaskBatches, MultiTaskLMObjective, TaskData, task_rows
+from plugtune.training.engine.loop import fit
+from plugtune.training.engine.types import IndexedBatches, ParamGroup
+from plugtune.training.recipes.multitask import mixed_task_batches, MultiTaskLMObjective, TaskData, task_rows
 
 TASKS = {"dates": ("lora", {"r": 4, "alpha": 8}), "units": ("ia3", {}), "prices": ("lora", {"r": 2, "use_rslora": True})}
 
@@ -55,7 +56,7 @@ def test_each_adapter_updates_as_if_trained_alone(tmp_path, tokenizer):
         for p in params:
             p.requires_grad_(True)
         groups.append(ParamGroup(name, params, clip_group=name))
-    source = MixedTaskBatches(tasks, grad_accum=2, pad_id=tokenizer.pad_token_id)
+    source = mixed_task_batches(tasks, grad_accum=2, pad_id=tokenizer.pad_token_id)
     result = fit(multi, source, training_cfg(), tmp_path / "multi", objective=MultiTaskLMObjective(),
                  resume="never", groups=groups)
     assert {k for k in result.history[0] if k.startswith("loss/")} == {f"loss/{n}" for n in TASKS}
@@ -91,7 +92,7 @@ def test_gradient_of_one_adapter_comes_only_from_its_rows(tokenizer):
         for p in adapter_state(model, n).values():
             p.requires_grad_(True)
     tasks = [TaskData(name, task_items(tokenizer, name, 8), rows=2, seed=0) for name in TASKS]
-    batch = MixedTaskBatches(tasks, 1, tokenizer.pad_token_id).micro_batch(0)
+    batch = mixed_task_batches(tasks, 1, tokenizer.pad_token_id).make_batch(0)
     losses, _ = MultiTaskLMObjective()(model, batch)
     losses["units"].backward()
     for name in TASKS:

@@ -13,8 +13,8 @@ from plugtune.data.packing import choose_layout, collate_packed, first_fit_decre
 from plugtune.data.tokenize import IGNORE_INDEX, Tokenized
 from plugtune.models import varlen
 from plugtune.models.tiny import build_model
-from plugtune.training.logprobs import token_logps
-from plugtune.training.objectives import CausalLMObjective
+from plugtune.training.compute.token_logps import token_logps
+from plugtune.training.compute.next_token import CausalLMObjective
 
 VOCAB = 400
 MAX_LENGTH = 24

@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from plugtune.data import DataError, Tokenized, micro_batch
+from plugtune.data import DataError, Tokenized
+from tests.references import micro_batch
 from plugtune.data.preference import (
     PreferencePair, TokenizedPair, TokenizedUnpaired, UnpairedExample, collate_pairs, collate_unpaired,
     load_preferences, load_prompts, micro_batch_pairs, micro_batch_unpaired, tokenize_pair, tokenize_preferences,

@@ -13,7 +13,7 @@ from plugtune.adapters.methods.prompt_tuning import text_init
 from plugtune.inference.generate import GenerationConfig, generate_ids
 from plugtune.models.causal_lm import backbone, forward_logits, hidden_states, lm_head
 from plugtune.models.tiny import build_model
-from plugtune.training.objectives import CausalLMObjective
+from plugtune.training.compute.next_token import CausalLMObjective
 from tests.conftest import random_batch
 from tests.virtual_inputs import lively_model, ours_logits, padded_batch
 

@@ -15,9 +15,10 @@ from plugtune.data.preference import TokenizedPair, collate_pairs, load_preferen
 from plugtune.models.causal_lm import hidden_states
 from plugtune.models.heads import attach_head, last_token
 from plugtune.models.loading import load_base
-from plugtune.training import reward
-from plugtune.training.loop import evaluate, fit
-from plugtune.training.losses import bradley_terry_loss
+from plugtune.inference.reward_model import load_reward_model, pairwise_accuracy
+from plugtune.training.recipes import reward_model as reward
+from plugtune.training.engine.loop import evaluate, fit
+from plugtune.training.compute.losses import bradley_terry_loss
 from tests.test_dpo import edge_pairs, toy_pairs
 
 
@@ -91,7 +92,7 @@ def test_saved_reward_model_loads_with_its_head_and_scores_the_same(tmp_path, ti
         assert not [k for k in load_file(str(out / "model.safetensors")) if "reward_head" in k]
     batch = collate_pairs([TokenizedPair(**vars(p)) for p in edge_pairs()], 0)
     expected = reward.RewardObjective(cfg.reward).scores(loaded.model.eval(), batch).detach()
-    scorer = reward.load_reward_model(out, None if method == "full" else str(tiny_model_dir), device="cpu")
+    scorer = load_reward_model(out, None if method == "full" else str(tiny_model_dir), device="cpu")
     assert_close(scorer.score_ids(batch["input_ids"], batch["attention_mask"]), expected, rtol=1e-5, atol=1e-5)
     assert not any(p.requires_grad for p in scorer.model.parameters()) and not scorer.head.score.weight.requires_grad
     # text in, scores out: rendered exactly as the training pairs were
@@ -107,7 +108,7 @@ def test_reward_adapter_shares_a_base_with_another_adapter(tmp_path, tiny_model_
     cfg = run_config(tiny_model_dir, toy_files[0], tmp_path / "run", "training.max_steps=3")
     train(cfg)
     path = tmp_path / "run" / "reward_model"
-    alone = reward.load_reward_model(path, str(tiny_model_dir), device="cpu")
+    alone = load_reward_model(path, str(tiny_model_dir), device="cpu")
 
     policy = load_base(str(tiny_model_dir), "float32", "cpu")
     torch.manual_seed(3)
@@ -122,7 +123,7 @@ def test_reward_adapter_shares_a_base_with_another_adapter(tmp_path, tiny_model_
     logits_before = policy.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     trainable_before = {n for n, p in policy.model.named_parameters() if p.requires_grad}
 
-    shared = reward.load_reward_model(path, policy.model, tokenizer=policy.tokenizer, adapter_name="reward")
+    shared = load_reward_model(path, policy.model, tokenizer=policy.tokenizer, adapter_name="reward")
     assert_close(shared.score_ids(batch["input_ids"], batch["attention_mask"]),
                  alone.score_ids(batch["input_ids"], batch["attention_mask"]), rtol=1e-5, atol=1e-5)
     assert policy.model.training  # scoring restores the mode it found
@@ -132,7 +133,7 @@ def test_reward_adapter_shares_a_base_with_another_adapter(tmp_path, tiny_model_
     assert {n for n, p in policy.model.named_parameters() if p.requires_grad} == trainable_before
     assert all("reward" not in layer.active_adapters for _, layer in adapter_layers(policy.model))
     pairs = load_preferences(toy_files[1])
-    assert reward.pairwise_accuracy(shared, pairs) == reward.pairwise_accuracy(alone, pairs)
+    assert pairwise_accuracy(shared, pairs) == pairwise_accuracy(alone, pairs)
 
 
 def test_generated_rows_are_scored_where_training_scored(tmp_path, tiny_model_dir, toy_files):
@@ -141,7 +142,7 @@ def test_generated_rows_are_scored_where_training_scored(tmp_path, tiny_model_di
     from plugtune.training.run import train
 
     train(run_config(tiny_model_dir, toy_files[0], tmp_path / "run", "training.max_steps=3"))
-    scorer = reward.load_reward_model(tmp_path / "run" / "reward_model", str(tiny_model_dir))
+    scorer = load_reward_model(tmp_path / "run" / "reward_model", str(tiny_model_dir))
     tok = scorer.tokenizer
     rendered = scorer.tokenize(["what is 3?"], ["the quick fox yes"])[0].input_ids
     generated = (prompt_ids(tok, [{"role": "user", "content": "what is 3?"}])
@@ -163,7 +164,7 @@ def test_eval_cli_reports_pairwise_accuracy(tmp_path, tiny_model_dir, toy_files,
     path = tmp_path / "run" / "reward_model"
     assert main(["eval", "--model", str(tiny_model_dir), "--reward-model", str(path), "--data", str(toy_files[1])]) == 0
     result = json.loads(capsys.readouterr().out)
-    expected = reward.pairwise_accuracy(reward.load_reward_model(path, str(tiny_model_dir)), load_preferences(toy_files[1]))
+    expected = pairwise_accuracy(load_reward_model(path, str(tiny_model_dir)), load_preferences(toy_files[1]))
     assert result["pairs"] == 32 and result["pairwise_accuracy"] == expected["pairwise_accuracy"] >= 0.9
     assert result["mean_margin"] == pytest.approx(expected["mean_margin"])
     assert main(["eval", "--reward-model", str(tmp_path), "--data", str(toy_files[1])]) == 2  # not a reward model

@@ -7,7 +7,7 @@ import torch
 
 import plugtune
 from plugtune.config import ConfigError, load_run_config
-from plugtune.training.rollouts import REWARD_FUNCTIONS, make_scorer, resolve_reward_function
+from plugtune.training.recipes.rollouts import REWARD_FUNCTIONS, make_scorer, resolve_reward_function
 
 PROMPTS = ["hello world", "what is the answer", "convert date", "the quick brown fox", "question", "tell me",
            "say something", "answer now"]
@@ -65,7 +65,7 @@ def test_ppo_raises_the_mean_reward(tmp_path, tiny_model_dir, prompts_file):
     ("ppo", ["rollout.epochs=2", "rollout.minibatches=2", "ppo.adaptive_kl=true"]),
 ])
 def test_resume_mid_rollout_is_exact(tmp_path, tiny_model_dir, prompts_file, objective, extra):
-    from plugtune.training import rollouts
+    from plugtune.training.recipes import rollouts
 
     settings = ["training.save_every=3", *extra]
     full = plugtune.train(rl_config(objective, tiny_model_dir, prompts_file, tmp_path / "full", 6, *settings))
@@ -94,8 +94,8 @@ def test_resume_mid_rollout_is_exact(tmp_path, tiny_model_dir, prompts_file, obj
 def test_reference_is_the_base_with_adapters_off(tiny_llama):
     from plugtune.adapters import adapter_state, attach_adapter
     from plugtune.models.tiny import build_model
-    from plugtune.training.logprobs import token_logps
-    from plugtune.training.reference import Reference
+    from plugtune.training.compute.token_logps import token_logps
+    from plugtune.training.compute.reference import Reference
     from tests.conftest import random_batch
 
     plain = build_model("llama", 400)

@@ -261,7 +261,7 @@ class Live:
         self.http = httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
 
     def metrics(self):
-        from plugtune.serve.metrics import parse
+        from plugtune.serve.prometheus import parse
 
         return parse(self.http.get("/metrics").text)
 

@@ -1,5 +1,5 @@
 """Rollout batches (one prompt, several sampled completions) run each prompt once: the tree forward of
-training/pairs.py generalised to groups of rows equals the padded forward, values and gradients."""
+training/compute/prompt_trees.py generalised to groups of rows equals the padded forward, values and gradients."""
 import random
 
 import pytest
@@ -9,9 +9,9 @@ from torch.testing import assert_close
 from plugtune.adapters import adapter_state, attach_adapter
 from plugtune.data.preference import PromptItem
 from plugtune.models.tiny import build_model
-from plugtune.training.logprobs import token_logps
-from plugtune.training.pairs import pack_trees, prompt_groups
-from plugtune.training.rollouts import build_rollout
+from plugtune.training.compute.token_logps import token_logps
+from plugtune.training.compute.prompt_trees import pack_trees, prompt_groups
+from plugtune.training.recipes.rollouts import build_rollout
 
 VOCAB = 400
 

@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from plugtune.data.skills import SKILLS, build_split, dump_jsonl, skill_files
+from plugtune.tasks.skills.generate import SKILLS, build_split, dump_jsonl, skill_files
 
 
 @pytest.mark.parametrize("skill", list(SKILLS))
@@ -36,7 +36,7 @@ def test_split_is_clean_and_answers_vary(skill):
 def test_date_answers_are_correct():
     import datetime
 
-    from plugtune.data.skills import MONTHS, make_date
+    from plugtune.tasks.skills.generate import MONTHS, make_date
     import random
 
     def ordinal(n):
@@ -77,7 +77,7 @@ def _recompute_arith(start, steps):
 def test_arith_shipped_answers_are_recomputed_from_the_structured_problems():
     import random
 
-    from plugtune.data.skills import arith_problem
+    from plugtune.tasks.skills.generate import arith_problem
 
     # build_split draws every problem with arith_problem from one seeded rng (make_arith only
     # renders it and redraws some): replaying that rng gives the structure behind each shipped row.

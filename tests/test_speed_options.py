@@ -10,9 +10,11 @@ from plugtune.data.batching import collate
 from plugtune.data.tokenize import IGNORE_INDEX, Tokenized
 from plugtune.models.causal_lm import lm_head
 from plugtune.models.tiny import build_model
-from plugtune.training.logprobs import labelled_logps, token_logps
-from plugtune.training.objectives import CausalLMObjective, full_logits_loss_sum
-from plugtune.training.speed import enable_gradient_checkpointing, set_threads
+from plugtune.training.compute.logprobs import labelled_logps
+from plugtune.training.compute.token_logps import token_logps
+from plugtune.training.compute.next_token import CausalLMObjective
+from tests.references import full_logits_loss_sum
+from plugtune.training.engine.speed import enable_gradient_checkpointing, set_threads
 
 VOCAB = 400
 

@@ -8,7 +8,7 @@ import pytest
 
 import plugtune
 from plugtune.config import ConfigError, load_run_config
-from plugtune.training.tracking import flatten, make_tracker
+from plugtune.training.engine.tracking import flatten, make_tracker
 
 
 def run_args(model_dir, data, out, *extra):

@@ -11,9 +11,11 @@ from plugtune.config import TrainingConfig
 from plugtune.data.batching import collate
 from plugtune.data.tokenize import IGNORE_INDEX, Tokenized
 from plugtune.models.tiny import build_model
-from plugtune.training.loop import IndexedBatches, NonFiniteLossError, fit
-from plugtune.training.objectives import CausalLMObjective, full_logits_loss_sum
-from plugtune.training.schedule import lr_multiplier
+from plugtune.training.engine.loop import fit
+from plugtune.training.engine.types import IndexedBatches, NonFiniteLossError
+from plugtune.training.compute.next_token import CausalLMObjective
+from tests.references import full_logits_loss_sum
+from plugtune.training.engine.schedule import lr_multiplier
 
 VOCAB = 400
 
@@ -73,7 +75,7 @@ def test_gradient_accumulation_equivalence(tmp_path):
 
 
 def test_resume_reproduces_the_uninterrupted_run(tmp_path):
-    from plugtune.data.batching import micro_batch
+    from tests.references import micro_batch
 
     items = uneven_items(16)
     cfg = dict(max_steps=6, batch_size=4, grad_accum=2, lr=5e-3, warmup_steps=2, schedule="cosine",

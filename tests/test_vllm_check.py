@@ -7,7 +7,7 @@ import pytest
 import plugtune
 from plugtune.adapters import attach_adapter, save_adapter
 from plugtune.serve.cli import add_check_parser
-from plugtune.serve.vllm_check import check_adapter, check_for_vllm, needed_max_rank
+from plugtune.adapters.vllm_check import check_adapter, check_for_vllm, needed_max_rank
 
 
 @pytest.fixture(scope="module")

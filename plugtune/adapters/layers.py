@@ -17,6 +17,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from plugtune.models.heads import ScalarHead
+
 ALL_LINEAR = "all-linear"
 
 
@@ -38,6 +40,8 @@ class AdapterLayer(nn.Module):
     adapter_module_names: tuple[str, ...] = ()  # e.g. ("lora_A", "lora_B")
     # Per-adapter side tables (plain dicts or ModuleDicts without parameters) to clean on delete.
     adapter_side_tables: tuple[str, ...] = ()
+    # A wrapper whose adapters replace the module whole (modules_to_save): never a target of another method.
+    trained_whole: bool = False
 
     def __init__(self, base_layer: nn.Module):
         super().__init__()
@@ -169,8 +173,6 @@ def find_targets(model: nn.Module, target_modules: list[str] | str, kind=_is_lin
     linear layer but the LM head. A module already wrapped by another adapter is a target too
     (judged by its base module), so adapters of several methods can share it; the insides of a
     wrapper (its base, other adapters' parts) never are."""
-    from plugtune.adapters.modules_to_save import ModulesToSave
-
     names = []
     wrappers: list[str] = []
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -180,7 +182,7 @@ def find_targets(model: nn.Module, target_modules: list[str] | str, kind=_is_lin
         candidate = module
         if isinstance(module, AdapterLayer):
             wrappers.append(name + ".")
-            if isinstance(module, ModulesToSave) or not name:
+            if module.trained_whole or not name:
                 continue  # modules trained whole are never adapted too (as in PEFT)
             candidate = module.base_module
         if target_modules == ALL_LINEAR:
@@ -293,8 +295,6 @@ def mark_trainable(model: nn.Module, names: str | list[str]) -> int:
 def base_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
     """Base-model parameters under their original names (wrappers' `.base_layer` removed); neither
     adapters nor the scalar heads a run attaches (value, reward) count as the base."""
-    from plugtune.models.heads import ScalarHead
-
     adapter_ids = {id(p) for _, layer in adapter_layers(model) for n in layer.adapter_names
                    for _, p in layer.adapter_parameters(n)}
     adapter_ids |= {id(p) for m in model.modules() if isinstance(m, ScalarHead) for p in m.parameters()}

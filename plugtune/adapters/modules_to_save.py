@@ -23,6 +23,7 @@ from plugtune.adapters.layers import AdapterLayer, adapter_layers, get_submodule
 
 class ModulesToSave(AdapterLayer):
     adapter_module_names = ("modules_to_save",)
+    trained_whole = True  # find_targets never adapts a module that is trained whole (as in PEFT)
 
     def __init__(self, base_layer: nn.Module):
         super().__init__(base_layer)

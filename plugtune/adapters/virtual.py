@@ -6,7 +6,7 @@ Why hooks: our own paths (training, `generate`, `forward_logits`) build the inpu
 `causal_lm.prepare_inputs`. A user who calls `model(input_ids=...)` directly would otherwise get
 the base model's answer with no warning. A forward pre-hook (registered on that model instance
 with PyTorch's own hook API, no class is patched) rewrites such a call to carry the soft prompt /
-KV prefix, prefixes `labels` with -100 for the virtual positions, and a forward hook drops the
+KV prefix, prefixes `labels` with IGNORE_INDEX for the virtual positions, and a forward hook drops the
 virtual positions from the returned logits, so they line up with input_ids, as in PEFT.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from plugtune.adapters.layers import AdapterLayer
-from plugtune.models.causal_lm import cache_kwarg, inputs_are_prepared, prepare_inputs
+from plugtune.models.causal_lm import IGNORE_INDEX, cache_kwarg, inputs_are_prepared, prepare_inputs
 
 
 class _CallHooks:
@@ -109,7 +109,7 @@ def _apply_on_plain_call(model: nn.Module, args: tuple, kwargs: dict):
     prepared, virtual = prepare_inputs(model, input_ids, kwargs.pop("attention_mask", None), cache)
     labels = kwargs.get("labels")
     if labels is not None and virtual:
-        kwargs["labels"] = torch.cat([labels.new_full((labels.shape[0], virtual), -100), labels], dim=1)
+        kwargs["labels"] = torch.cat([labels.new_full((labels.shape[0], virtual), IGNORE_INDEX), labels], dim=1)
     pending[:] = [virtual]  # read back (and cleared) by the forward hook of this same call
     return (), {**kwargs, **prepared}
 

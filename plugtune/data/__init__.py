@@ -1,6 +1,6 @@
-from plugtune.data.batching import collate, micro_batch
+from plugtune.data.batching import collate
 from plugtune.data.formats import DataError, Example, load_examples
 from plugtune.data.tokenize import IGNORE_INDEX, TokenizeStats, Tokenized, prompt_ids, tokenize_dataset, tokenize_example
 
 __all__ = ["DataError", "Example", "IGNORE_INDEX", "TokenizeStats", "Tokenized", "collate", "load_examples",
-           "micro_batch", "prompt_ids", "tokenize_dataset", "tokenize_example"]
+           "prompt_ids", "tokenize_dataset", "tokenize_example"]

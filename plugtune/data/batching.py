@@ -65,7 +65,3 @@ def grouped_batch_indices(lengths: tuple[int, ...], index: int, batch_size: int,
     epoch, within = divmod(index, per_epoch)
     return grouped_epoch(tuple(lengths), batch_size, seed, epoch)[within]
 
-
-def micro_batch(items: list[Tokenized], index: int, batch_size: int, seed: int, pad_id: int) -> dict[str, torch.Tensor]:
-    """The `index`-th micro-batch of an endless stream of shuffled epochs (drop-last per epoch)."""
-    return collate([items[i] for i in batch_indices(len(items), index, batch_size, seed)], pad_id)

@@ -39,6 +39,8 @@ from torch import nn
 
 from plugtune.data.batching import collate
 from plugtune.data.tokenize import IGNORE_INDEX, Tokenized
+from plugtune.models import varlen
+from plugtune.models.causal_lm import batch_hidden, hidden_states
 
 PACKABLE_ATTENTION = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3", "plugtune_varlen")
 
@@ -115,8 +117,6 @@ def unsupported(model: nn.Module, flat: bool = False) -> str | None:
     rows, in both orders, as multi-row batches must work too) and compares their hidden states with
     each sequence run alone: a backbone that ignores position_ids, builds its own mask, or treats a
     multi-row batch differently shows up as a difference, whatever the architecture or version."""
-    from plugtune.models.causal_lm import batch_hidden, hidden_states
-
     if any(callable(getattr(m, "virtual_inputs", None)) for m in model.modules()):
         return ("prompt and prefix tuning put virtual tokens before each sequence; a packed row would need them "
                 "before every example")
@@ -176,8 +176,6 @@ def choose_layout(packing: bool | str, group_by_length: bool | str, model: nn.Mo
     on CPU, unless group_by_length is set to true, preferring one row with per-example attention
     (models/varlen.py, replacing sdpa) to rows under a block-diagonal mask; auto grouping is on
     whenever there is no packing."""
-    from plugtune.models import varlen
-
     group = group_by_length is not False
     padded = "padded batches" + (", grouped by length" if group else "")
     if packing is False or (packing == "auto" and group_by_length is True):

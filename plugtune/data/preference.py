@@ -257,8 +257,9 @@ def load_prompts(path: str | Path, tokenizer) -> list[PromptItem]:
 # ---------------------------------------------------------------- tokenising
 
 
-def _tokenize_turns(tokenizer, prompt: Messages, completion: Messages, where: str) -> tuple[list[int], list[int], int]:
-    """ids, labels and prompt length of prompt+completion rendered as one conversation."""
+def tokenize_conversation(tokenizer, prompt: Messages, completion: Messages, where: str = "") -> tuple[list[int], list[int], int]:
+    """ids, labels and prompt length of prompt+completion rendered as one conversation: the completion's
+    assistant turns are labelled, and the first `prompt length` ids are what generation is given."""
     ensure_chat_template(tokenizer)
     text, spans = assistant_spans(tokenizer, prompt + completion, where)
     history = sum(m["role"] == "assistant" for m in prompt)  # assistant turns in the prompt are context only
@@ -274,13 +275,13 @@ def _tokenize_turns(tokenizer, prompt: Messages, completion: Messages, where: st
 
 
 def tokenize_pair(tokenizer, pair: PreferencePair) -> TokenizedPair:
-    c_ids, c_labels, n = _tokenize_turns(tokenizer, pair.prompt, pair.chosen, pair.where)
-    r_ids, r_labels, _ = _tokenize_turns(tokenizer, pair.prompt, pair.rejected, pair.where)
+    c_ids, c_labels, n = tokenize_conversation(tokenizer, pair.prompt, pair.chosen, pair.where)
+    r_ids, r_labels, _ = tokenize_conversation(tokenizer, pair.prompt, pair.rejected, pair.where)
     return TokenizedPair(c_ids, c_labels, r_ids, r_labels, n, pair.margin)
 
 
 def tokenize_unpaired(tokenizer, example: UnpairedExample) -> TokenizedUnpaired:
-    ids, labels, n = _tokenize_turns(tokenizer, example.prompt, example.completion, example.where)
+    ids, labels, n = tokenize_conversation(tokenizer, example.prompt, example.completion, example.where)
     return TokenizedUnpaired(ids, labels, example.label, n)
 
 

@@ -40,7 +40,8 @@ def resolve_data_path(path: str | Path) -> Path:
     """A file path, or 'plugtune:skills/dates_train.jsonl' for data shipped inside the package."""
     text = str(path)
     if text.startswith(PACKAGED_PREFIX):
-        return Path(__file__).parent / text[len(PACKAGED_PREFIX):]
+        # Shipped task data lives in plugtune/tasks/ (a path, not an import: data sits below tasks).
+        return Path(__file__).parent.parent / "tasks" / text[len(PACKAGED_PREFIX):]
     return Path(path).expanduser()
 
 

@@ -1,12 +1,13 @@
-"""Examples -> token ids + labels (-100 where no loss is taken), with length policy and counts."""
+"""Examples -> token ids + labels (IGNORE_INDEX where no loss is taken), with length policy and counts."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 from plugtune.data.formats import Example
 from plugtune.data.templates import assistant_spans, ensure_chat_template, render, tokenize_segments
+from plugtune.models.causal_lm import IGNORE_INDEX
 
-IGNORE_INDEX = -100
+__all__ = ["IGNORE_INDEX", "TokenizeStats", "Tokenized", "prompt_ids", "tokenize_dataset", "tokenize_example"]
 
 
 @dataclass

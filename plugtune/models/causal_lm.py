@@ -34,6 +34,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from plugtune.models import varlen
+
+# The label of a position that takes no loss (torch cross_entropy's default ignore_index, and the
+# convention of Hugging Face models and data collators).
+IGNORE_INDEX = -100
+
 
 _PREPARED = contextvars.ContextVar("plugtune_inputs_prepared", default=False)
 
@@ -166,8 +172,6 @@ def batch_hidden(model: nn.Module, batch: dict) -> torch.Tensor:
     (data/packing.py: input_ids, position_ids restarting at 0 per example, no attention_mask).
     A packed single row on a model switched to variable-length attention (models/varlen.py) also
     gets the example boundaries, read off the position ids, as `cu_seq_lens_q`."""
-    from plugtune.models import varlen
-
     positions = batch.get("position_ids")
     extra = {}
     if (positions is not None and batch.get("attention_mask") is None and positions.shape[0] == 1

@@ -6,6 +6,8 @@ checkpoints with the other trainable parameters, and moves with the model across
 """
 from __future__ import annotations
 
+import contextlib
+
 import math
 
 import torch
@@ -42,3 +44,17 @@ def last_token(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tens
     """(B, T, C) -> (B, C): each row's last non-padding position (right padding)."""
     last = attention_mask.sum(-1).clamp(min=1) - 1  # (B,)
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+
+@contextlib.contextmanager
+def heads_detached(model: nn.Module):
+    """Take scalar heads (reward, value) off `model` for the duration, e.g. so that save_pretrained
+    writes the plain causal LM, whatever heads a run has attached."""
+    heads = {name: m for name, m in model.named_children() if isinstance(m, ScalarHead)}
+    for name in heads:
+        delattr(model, name)
+    try:
+        yield model
+    finally:
+        for name, m in heads.items():
+            model.add_module(name, m)

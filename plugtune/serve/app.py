@@ -34,8 +34,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from plugtune.data.tokenize import prompt_ids
-from plugtune.inference.pool import AUTO, LanguageModel
-from plugtune.serve import metrics
+from plugtune.inference.language_model import AUTO, LanguageModel
+from plugtune.serve import prometheus as metrics
 from plugtune.serve.adapters_dir import AdapterPathError, check_name, resolve_adapter_dir
 from plugtune.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest, chat_messages, validation_error
 from plugtune.serve.server import Server, ServeSettings

@@ -121,7 +121,7 @@ def add_check_parser(adapters_subparsers) -> argparse.ArgumentParser:
 
 
 def cmd_adapters_check(args) -> None:
-    from plugtune.serve.vllm_check import check_for_vllm
+    from plugtune.adapters.vllm_check import check_for_vllm
 
     checks, report = check_for_vllm(args.dir, args.max_lora_rank)
     print(report)

@@ -15,7 +15,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from plugtune.adapters.mixed import check_row_adapters
-from plugtune.inference.pool import AUTO, LanguageModel
+from plugtune.inference.language_model import AUTO, LanguageModel
 from plugtune.serve.adapters_dir import AdapterPathError, NAME_RE, check_name, resolve_adapter_dir
 from plugtune.serve.engine import Engine, Request as EngineRequest, SamplingParams
 from plugtune.serve.protocol import APIError, SamplingFields, chat_delta, envelope, new_id, now, usage

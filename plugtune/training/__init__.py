@@ -1,6 +1,5 @@
-from plugtune.training.loop import FitResult, NonFiniteLossError, evaluate_loss, fit
-from plugtune.training.objectives import CausalLMObjective, Objective
-from plugtune.training.run import TrainReport, prepare_model, train
+"""Training, in layers: compute/ (log-probs, prompt trees, losses, reference) -> engine/ (types, the
+one loop, checkpoints, distributed) -> recipes/ (sft, multitask, reward model, dpo, ppo, grpo) ->
+run.py (config -> recipe -> engine -> published artefact). See ARCHITECTURE.md.
 
-__all__ = ["CausalLMObjective", "FitResult", "NonFiniteLossError", "Objective", "TrainReport", "evaluate_loss",
-           "fit", "prepare_model", "train"]
+Nothing is imported here, so that importing a lower layer never loads a higher one."""

@@ -1,0 +1,85 @@
+"""What the recipes share: the `Setup` each recipe's `prepare` returns to run.py, the policy (an
+adapter or every weight) and how it is saved, and preference pairs read and batched once for DPO and
+the reward model. run.py imports the recipes; a recipe never imports run.py.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+from plugtune.adapters import attach_adapter, save_adapter
+from plugtune.data.formats import DataError
+from plugtune.data.batching import batch_indices
+from plugtune.data.preference import TokenizedPair, load_preferences, tokenize_preferences
+from plugtune.models.loading import LoadedModel, load_base
+from plugtune.training.engine.types import BatchSource, IndexedBatches, Objective, ParamGroup
+
+if TYPE_CHECKING:
+    from plugtune.config import RunConfig
+
+
+@dataclass
+class Setup:
+    """Everything the loop needs for one objective, and how to write the result."""
+
+    loaded: LoadedModel
+    source: BatchSource
+    save: Callable[[Path], Path]  # writes the artifact under the output dir, returns its path
+    objective: Objective
+    groups: list[ParamGroup] | None = None
+    eval_batches: list | None = None
+    summary: str = ""
+    router_prompts: dict[str, list] | None = None  # multi-task: each adapter's training prompts (run.py fits the router)
+
+
+def prepare_model(cfg: RunConfig, loaded: LoadedModel | None = None) -> LoadedModel:
+    """The base with the trainable policy: a fresh adapter named 'default', or every weight (method=full)."""
+    loaded = loaded or load_base(cfg.model.name, cfg.model.dtype, cfg.model.device)
+    if cfg.method == "full":
+        for p in loaded.model.parameters():
+            p.requires_grad_(True)
+    else:
+        attach_adapter(loaded.model, cfg.method, cfg.adapter, name="default", trainable=True)
+    return loaded
+
+
+def save_policy(cfg: RunConfig, loaded: LoadedModel, out: Path, name: str = "default") -> Path:
+    """The trained weights: an adapter directory (PEFT format), or a full model directory."""
+    if cfg.method == "full":
+        artifact = out / "model"
+        loaded.model.save_pretrained(artifact, safe_serialization=True)
+        loaded.tokenizer.save_pretrained(artifact)
+        return artifact
+    return save_adapter(loaded.model, out / "adapter", name, base_name=cfg.model.name)
+
+
+def read_pairs(path: str, tokenizer, cfg: RunConfig, max_prompt_length: int | None = None,
+               limit: int = 0) -> tuple[list[TokenizedPair], str]:
+    """Preference pairs of `path`, tokenized with data.max_length / data.overflow; (items, summary)."""
+    fmt = cfg.data.format if cfg.data.format in ("paired", "implicit") else "auto"
+    try:
+        pairs = load_preferences(path, fmt)
+    except DataError as exc:
+        raise DataError(f"{exc} (objective={cfg.objective} trains on preference pairs)") from None
+    if limit:
+        pairs = pairs[:limit]
+    items, stats = tokenize_preferences(tokenizer, pairs, cfg.data.max_length, max_prompt_length, cfg.data.overflow)
+    if not items:
+        raise ValueError(f"{path}: no usable pairs after tokenization ({stats.summary()})")
+    return items, stats.summary()
+
+
+def pair_source(items: list, cfg: RunConfig, collate: Callable[[list, int], dict], pad_id: int) -> IndexedBatches:
+    """Micro-batch i holds the pairs of batch_indices(i) (seeded epochs; resumable by index)."""
+    t = cfg.training
+
+    def make_batch(i: int) -> dict:
+        return collate([items[j] for j in batch_indices(len(items), i, t.batch_size, t.seed)], pad_id)
+
+    return IndexedBatches(make_batch, len(items), t.batch_size, t.grad_accum, paired=True)
+
+
+def pair_batches(items: list, batch_size: int, collate: Callable[[list, int], dict], pad_id: int) -> list[dict]:
+    """Held-out pairs in order, `batch_size` a batch."""
+    return [collate(items[i:i + batch_size], pad_id) for i in range(0, len(items), batch_size)]
