@@ -3,9 +3,9 @@ import json
 
 import pytest
 
-from plugtune.tasks.instructions.checkers import (CHECKERS, TYPES, accuracy_by_type, build_split, check_response,
-                                        compliance_reward, count_words, load_records, split_files,
-                                        strict_accuracy)
+from plugtune.tasks.instructions.checkers import (CHECKERS, accuracy_by_type, check_response, compliance_reward,
+                                                  count_words, strict_accuracy)
+from plugtune.tasks.instructions.prompts import TYPES, build_split, load_records, split_files
 from plugtune.tasks.skills.generate import dump_jsonl
 
 # (type, kwargs, response, expected)

@@ -5,6 +5,7 @@ from plugtune.adapters.layers import (AdapterLayer, adapter_layers, adapter_name
                                       mark_trainable, merge_adapters, set_active_adapters, unmerge_adapters,
                                       unwrap_merged)
 from plugtune.adapters.registry import AdapterMethod, available_methods, get_method, register
+from plugtune.adapters import methods  # noqa: E402,F401  (each method module registers itself)
 
 __all__ = ["AdapterLayer", "AdapterMethod", "AdapterMismatchError", "adapter_layers", "adapter_names",
            "adapter_state", "adapters_disabled", "attach_adapter", "available_methods", "base_fingerprint",

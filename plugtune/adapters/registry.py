@@ -3,8 +3,6 @@
 """
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -51,8 +49,7 @@ class AdapterMethod:
         return self.parse_config(fields)
 
 
-_METHODS: dict[str, AdapterMethod] = {}
-_discovered = False
+_METHODS: dict[str, AdapterMethod] = {}  # filled by the method modules as the adapters package imports them
 
 
 def register(method: AdapterMethod) -> AdapterMethod:
@@ -62,24 +59,11 @@ def register(method: AdapterMethod) -> AdapterMethod:
     return method
 
 
-def _discover() -> None:
-    global _discovered
-    if _discovered:
-        return
-    from plugtune.adapters import methods
-
-    for info in pkgutil.iter_modules(methods.__path__):
-        importlib.import_module(f"{methods.__name__}.{info.name}")
-    _discovered = True
-
-
 def available_methods() -> list[str]:
-    _discover()
     return sorted(_METHODS)
 
 
 def get_method(name: str) -> AdapterMethod:
-    _discover()
     if name not in _METHODS:
         import difflib
 
@@ -91,7 +75,6 @@ def get_method(name: str) -> AdapterMethod:
 
 def method_from_saved(saved: dict) -> tuple[AdapterMethod, Any]:
     """Find the method of an adapter_config.json (ours or PEFT's) and parse its config."""
-    _discover()
     if "method" in saved:
         method = get_method(saved["method"])
     else:

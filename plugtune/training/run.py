@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from plugtune.config import RunConfig, to_dict
+from plugtune.training.config import RunConfig, to_dict
 from plugtune.inference.router import fit_router
 from plugtune.models.loading import LoadedModel, autocast_dtype
 from plugtune.training.engine.checkpoint import check_output, publish, write_json, write_output

@@ -16,7 +16,7 @@ from plugtune.models.loading import LoadedModel, load_base
 from plugtune.training.engine.types import BatchSource, IndexedBatches, Objective, ParamGroup
 
 if TYPE_CHECKING:
-    from plugtune.config import RunConfig
+    from plugtune.training.config import RunConfig
 
 
 @dataclass

@@ -35,7 +35,7 @@ from plugtune.training.compute.reference import frozen_copy
 from plugtune.training.recipes.common import Setup, pair_batches, pair_source, prepare_model, read_pairs, save_policy
 
 if TYPE_CHECKING:
-    from plugtune.config import RunConfig
+    from plugtune.training.config import RunConfig
 
 
 @dataclass

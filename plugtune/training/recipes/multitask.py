@@ -35,7 +35,7 @@ from plugtune.training.engine.types import IndexedBatches, ParamGroup
 from plugtune.training.recipes.common import Setup
 
 if TYPE_CHECKING:
-    from plugtune.config import RunConfig
+    from plugtune.training.config import RunConfig
 
 
 @dataclass

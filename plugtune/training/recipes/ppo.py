@@ -32,7 +32,7 @@ from plugtune.training.recipes.common import Setup
 from plugtune.training.recipes.rollouts import check_rollout_config, prepare_rl
 
 if TYPE_CHECKING:
-    from plugtune.config import RunConfig
+    from plugtune.training.config import RunConfig
 
 
 @dataclass

@@ -20,7 +20,7 @@ from plugtune.training.compute.prompt_trees import plan, tree_hidden
 from plugtune.training.recipes.common import Setup, pair_batches, pair_source, prepare_model, read_pairs
 
 if TYPE_CHECKING:
-    from plugtune.config import RunConfig
+    from plugtune.training.config import RunConfig
 
 HEAD = "reward_head"  # the head's module name on the model while it trains
 

@@ -34,7 +34,7 @@ from plugtune.training.engine.types import ParamGroup
 from plugtune.training.recipes.common import Setup, prepare_model, save_policy
 
 if TYPE_CHECKING:
-    from plugtune.config import RunConfig
+    from plugtune.training.config import RunConfig
     from plugtune.training.engine.distributed import Distributed
 
 

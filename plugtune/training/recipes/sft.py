@@ -16,7 +16,7 @@ from plugtune.training.engine.types import IndexedBatches
 from plugtune.training.recipes.common import Setup, prepare_model, save_policy
 
 if TYPE_CHECKING:
-    from plugtune.config import RunConfig
+    from plugtune.training.config import RunConfig
 
 
 def check_config(cfg: RunConfig) -> None:
