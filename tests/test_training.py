@@ -137,3 +137,15 @@ def test_metrics_and_loss_curve_are_written(tmp_path):
     assert all(math.isfinite(l["loss"]) and l["tokens_per_s"] > 0 for l in lines)
     assert (tmp_path / "loss_curve.png").stat().st_size > 1000
     assert lines[-1]["loss"] < lines[0]["loss"]
+
+
+def test_output_plot_false_writes_no_loss_curve(tmp_path, tiny_model_dir):
+    import plugtune
+    from plugtune.config import load_run_config
+
+    common = [f"model.name={tiny_model_dir}", "training.batch_size=4", "training.progress=false", "training.max_steps=1",
+              "data.max_length=128", "data.train=plugtune:skills/dates_train.jsonl"]
+    plugtune.train(load_run_config(None, common + [f"output.dir={tmp_path / 'off'}", "output.plot=false"]))
+    plugtune.train(load_run_config(None, common + [f"output.dir={tmp_path / 'on'}"]))
+    assert not (tmp_path / "off" / "loss_curve.png").exists() and (tmp_path / "off" / "metrics.jsonl").is_file()
+    assert (tmp_path / "on" / "loss_curve.png").stat().st_size > 1000
