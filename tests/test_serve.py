@@ -18,7 +18,7 @@ from plugtune.inference.generate import GenerationConfig, generate
 from plugtune.serve.adapters_dir import AdapterPathError, resolve_adapter_dir
 from plugtune.serve.batch_cache import concat_rows, select_rows
 from plugtune.serve.detokenize import TextStream
-from plugtune.serve.engine import Engine, Request, SamplingParams
+from plugtune.serve.engine import Engine, Request
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
@@ -96,7 +96,7 @@ def submit_together(engine, requests):
 def test_engine_mixed_batch_equals_generate_alone(engine, ref):
     names = ["a", "b", None, "a"]
     before = engine.stats.prefill_batches
-    outs = submit_together(engine, [Request(chat_ids(ref.tokenizer, p), n, SamplingParams(max_tokens=12))
+    outs = submit_together(engine, [Request(chat_ids(ref.tokenizer, p), n, GenerationConfig(max_new_tokens=12))
                                     for p, n in zip(PROMPTS, names)])
     for out, p, n in zip(outs, PROMPTS, names):
         assert out.text == reference(ref, p, n, 12)
@@ -112,11 +112,11 @@ def test_engine_join_and_retire_keep_answers(engine, ref):
     tok = ref.tokenizer
     long_prompt = " ".join(PROMPTS)
     joins = engine.stats.joins
-    h_short = engine.submit(Request(chat_ids(tok, PROMPTS[0]), "a", SamplingParams(max_tokens=30)))
-    h_long = engine.submit(Request(chat_ids(tok, long_prompt), "b", SamplingParams(max_tokens=3)))
+    h_short = engine.submit(Request(chat_ids(tok, PROMPTS[0]), "a", GenerationConfig(max_new_tokens=30)))
+    h_long = engine.submit(Request(chat_ids(tok, long_prompt), "b", GenerationConfig(max_new_tokens=3)))
     stream = iter(h_short)
     first = next(stream)  # h_short is decoding now
-    h_new = engine.submit(Request(chat_ids(tok, PROMPTS[2]), None, SamplingParams(max_tokens=10)))
+    h_new = engine.submit(Request(chat_ids(tok, PROMPTS[2]), None, GenerationConfig(max_new_tokens=10)))
     text = first.text + "".join(e.text for e in stream)
     assert text == reference(ref, PROMPTS[0], "a", 30)
     assert h_long.result(10).text == reference(ref, long_prompt, "b", 3)
@@ -126,12 +126,12 @@ def test_engine_join_and_retire_keep_answers(engine, ref):
 
 
 def test_engine_seeded_sampling_equals_generate(engine, ref):
-    params = SamplingParams(max_tokens=10, temperature=0.9, top_p=0.9, seed=7)
-    outs = submit_together(engine, [Request(chat_ids(ref.tokenizer, PROMPTS[1]), "b", params),
-                                    Request(chat_ids(ref.tokenizer, PROMPTS[0]), "a", SamplingParams(max_tokens=10)),
-                                    Request(chat_ids(ref.tokenizer, PROMPTS[1]), "b", SamplingParams(
-                                        max_tokens=10, temperature=0.9, top_p=0.9, seed=8))])
     cfg = GenerationConfig(max_new_tokens=10, temperature=0.9, top_p=0.9, seed=7)
+    tok = ref.tokenizer
+    outs = submit_together(engine, [Request(chat_ids(tok, PROMPTS[1]), "b", cfg),
+                                    Request(chat_ids(tok, PROMPTS[0]), "a", GenerationConfig(max_new_tokens=10)),
+                                    Request(chat_ids(tok, PROMPTS[1]), "b", GenerationConfig(
+                                        max_new_tokens=10, temperature=0.9, top_p=0.9, seed=8))])
     assert outs[0].text == reference(ref, PROMPTS[1], "b", 10, cfg=cfg)
     assert outs[0].text != outs[2].text  # another seed, another sample
 
@@ -139,15 +139,15 @@ def test_engine_seeded_sampling_equals_generate(engine, ref):
 def test_engine_stop_strings_and_stop_tokens(engine, ref):
     tok = ref.tokenizer
     ids = chat_ids(tok, PROMPTS[3])
-    full = engine.submit(Request(ids, "a", SamplingParams(max_tokens=16))).result(10)
+    full = engine.submit(Request(ids, "a", GenerationConfig(max_new_tokens=16))).result(10)
     stop = full.text[5:8]
-    events = list(engine.submit(Request(ids, "a", SamplingParams(max_tokens=16, stop=(stop, "\x07never")))))
+    events = list(engine.submit(Request(ids, "a", GenerationConfig(max_new_tokens=16), stop=(stop, "\x07never"))))
     text = "".join(e.text for e in events)
     assert text == full.text[:full.text.index(stop)]
     assert events[-1].finish_reason == "stop"
     assert all(stop not in e.text for e in events)
     k = next(i for i, t in enumerate(full.token_ids) if i and t not in full.token_ids[:i])  # a token's first use
-    cut = engine.submit(Request(ids, "a", SamplingParams(max_tokens=16, stop_token_ids=(full.token_ids[k],))))
+    cut = engine.submit(Request(ids, "a", GenerationConfig(max_new_tokens=16), stop_token_ids=(full.token_ids[k],)))
     out = cut.result(10)
     assert out.token_ids == full.token_ids[:k] and out.finish_reason == "stop" and out.completion_tokens == k + 1
 
@@ -156,8 +156,9 @@ def test_engine_cancel_frees_the_slot(tiny_model_dir, ref):
     eng = Engine(ref.model, ref.tokenizer, max_batch=1).start()
     try:
         tok = ref.tokenizer
-        long = eng.submit(Request(chat_ids(tok, PROMPTS[0]), None, SamplingParams(max_tokens=200, ignore_eos=True)))
-        queued = eng.submit(Request(chat_ids(tok, PROMPTS[1]), None, SamplingParams(max_tokens=5)))
+        long = eng.submit(Request(chat_ids(tok, PROMPTS[0]), None, GenerationConfig(max_new_tokens=200),
+                                  ignore_eos=True))
+        queued = eng.submit(Request(chat_ids(tok, PROMPTS[1]), None, GenerationConfig(max_new_tokens=5)))
         events = iter(long)
         next(events)
         long.cancel()
@@ -174,11 +175,12 @@ def test_engine_refuses_rows_that_cannot_share_a_batch(engine, ref):
     attach_adapter(engine.lm.model, "lora", {"r": 4, "use_dora": True}, name="dora", trainable=False)
     try:
         tok = ref.tokenizer
-        bad = engine.submit(Request(chat_ids(tok, PROMPTS[0]), "dora", SamplingParams(max_tokens=4)))
-        good = engine.submit(Request(chat_ids(tok, PROMPTS[0]), "a", SamplingParams(max_tokens=4)))
+        bad = engine.submit(Request(chat_ids(tok, PROMPTS[0]), "dora", GenerationConfig(max_new_tokens=4)))
+        good = engine.submit(Request(chat_ids(tok, PROMPTS[0]), "a", GenerationConfig(max_new_tokens=4)))
         out = bad.result(10)
         assert out.finish_reason == "error" and "DoRA" in out.error
-        missing = engine.submit(Request(chat_ids(tok, PROMPTS[0]), "nope", SamplingParams(max_tokens=4))).result(10)
+        missing = engine.submit(Request(chat_ids(tok, PROMPTS[0]), "nope", GenerationConfig(max_new_tokens=4)))
+        missing = missing.result(10)
         assert missing.finish_reason == "error" and "no adapter named 'nope'" in missing.error
         assert good.result(10).text == reference(ref, PROMPTS[0], "a", 4)
     finally:
@@ -201,11 +203,11 @@ def test_engine_serves_every_per_row_method(tiny_model_dir, tmp_path):
     eng = Engine(lm.model, tok, max_batch=8).start()
     try:
         eng.pause()
-        first = [eng.submit(Request(chat_ids(tok, p), n, SamplingParams(max_tokens=12))) for p, n in jobs[:3]]
+        first = [eng.submit(Request(chat_ids(tok, p), n, GenerationConfig(max_new_tokens=12))) for p, n in jobs[:3]]
         eng.resume()
         stream = iter(first[0])
         head = next(stream)  # the first three are decoding: the others join them
-        later = [eng.submit(Request(chat_ids(tok, p), n, SamplingParams(max_tokens=12))) for p, n in jobs[3:]]
+        later = [eng.submit(Request(chat_ids(tok, p), n, GenerationConfig(max_new_tokens=12))) for p, n in jobs[3:]]
         texts = [head.text + "".join(e.text for e in stream)] + [h.result(10).text for h in first[1:] + later]
         assert texts == refs
         assert eng.stats.joins >= 1

@@ -4,6 +4,9 @@ Prompts are left-padded so every row's next token sits at the last position; pos
 from the attention mask so padding does not shift positions. Rows stop at an end token.
 Prompt/prefix-tuning adapters are applied at prefill by `causal_lm.prepare_inputs`.
 
+The pieces are shared with the serving engine (serve/engine.py), which schedules them itself:
+`GenerationConfig` (the one sampling-parameters type), `prefill`, `decode_step` and `sample_next`.
+
 `adapter_names` (one per prompt, None for the base) decodes requests for different adapters in
 the same batch: every step is one forward pass over all rows (adapters/mixed.py).
 """
@@ -11,21 +14,38 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from plugtune.adapters.mixed import mixed_adapters
+from plugtune.data.tokenize import prompt_ids
 from plugtune.models.causal_lm import cache_kwarg, inputs_prepared, prepare_inputs
+
+if TYPE_CHECKING:  # transformers loads on first use: `import plugtune` stays quick
+    from transformers import DynamicCache
 
 
 @dataclass
 class GenerationConfig:
+    """How each new token is chosen, for `generate` and for every request the server decodes."""
+
     max_new_tokens: int = 64
     temperature: float = 0.0  # 0 = greedy
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int | None = None
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    seed: int | None = None  # None: unseeded
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0 <= self.top_p <= 1:
+            raise ValueError(f"top_p must be in [0, 1] (1 = off), got {self.top_p}")
 
 
 def sample_next(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Generator | None) -> torch.Tensor:
@@ -66,10 +86,50 @@ def generate_ids(model: nn.Module, prompts: list[list[int]], stop_ids: list[int]
     return _decode(model, prompts, stop_ids, pad_id, cfg or GenerationConfig(), include_stop, True)
 
 
-def _decode(model: nn.Module, prompts: list[list[int]], stop_ids: list[int], pad_id: int, cfg: GenerationConfig,
-            include_stop: bool, share_prompts: bool) -> list[list[int]]:
+def prefill(model: nn.Module, prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, DynamicCache]:
+    """Run the prompts through the model once, left-padded, into a fresh KV cache (a DynamicCache).
+
+    Returns the logits at each row's last position (B, V), the attention mask (B, T) and the cache.
+    Virtual inputs (soft prompt / KV prefix) enter here; the mask then covers their columns, so a
+    decode step only appends one token and one mask column, as for a plain model. The caller sets
+    the adapters (mixed_adapters for per-row ones) and eval mode."""
     from transformers import DynamicCache
 
+    device = next(model.parameters()).device
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros_like(ids)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):] = torch.tensor(p, device=device)
+        mask[row, width - len(p):] = 1
+    cache = DynamicCache()
+    step, _ = prepare_inputs(model, ids, mask, cache)
+    step.pop("position_ids", None)  # derived from the mask, as at every decode step
+    mask = step["attention_mask"]
+    step_len = (step["input_ids"] if "input_ids" in step else step["inputs_embeds"]).shape[1]
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -step_len:]
+    # Only the last position's logits are needed: skip the (B, T, V) prompt logits.
+    keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    with inputs_prepared():
+        logits = model(**step, position_ids=positions, use_cache=True, **keep).logits[:, -1]  # (B, V)
+    return logits, mask, cache
+
+
+def decode_step(model: nn.Module, tokens: torch.Tensor, mask: torch.Tensor, cache: DynamicCache,
+                cache_key: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Feed each row's newest token (B,) after its cached columns; returns the next logits (B, V)
+    and the mask grown by one column (B, T + 1). `cache_key` is `cache_kwarg(model)`, looked up
+    once per batch by the caller (it costs ~50 us, a noticeable part of a small model's step)."""
+    mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)  # finished rows' tokens are ignored
+    positions = (mask.cumsum(-1) - 1)[:, -1:]  # (B, 1): each row's own next position
+    with inputs_prepared():
+        logits = model(input_ids=tokens.unsqueeze(1), attention_mask=mask, position_ids=positions, use_cache=True,
+                       **{cache_key: cache}).logits[:, -1]  # (B, V)
+    return logits, mask
+
+
+def _decode(model: nn.Module, prompts: list[list[int]], stop_ids: list[int], pad_id: int, cfg: GenerationConfig,
+            include_stop: bool, share_prompts: bool) -> list[list[int]]:
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     device = next(model.parameters()).device
@@ -80,38 +140,19 @@ def _decode(model: nn.Module, prompts: list[list[int]], stop_ids: list[int], pad
     # KV cache and last logits are then copied to every row that asked for it.
     unique: dict[tuple[int, ...], int] = {}
     source = [unique.setdefault(tuple(p), len(unique)) for p in prompts]
-    expand = None
-    if share_prompts and len(unique) < len(prompts):
-        expand = torch.tensor(source, device=device)
-    prefill = [list(p) for p in unique] if expand is not None else prompts
-    width = max(len(p) for p in prefill)
-    ids = torch.full((len(prefill), width), pad_id, dtype=torch.long, device=device)
-    mask = torch.zeros_like(ids)
-    for row, p in enumerate(prefill):
-        ids[row, width - len(p):] = torch.tensor(p, device=device)
-        mask[row, width - len(p):] = 1
+    shared = share_prompts and len(unique) < len(prompts)
     was_training = model.training
     model.eval()
-    cache, cache_key = DynamicCache(), cache_kwarg(model)
+    cache_key = cache_kwarg(model)
     stop = torch.tensor(stop_ids, device=device)
     finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     out: list[list[int]] = [[] for _ in prompts]
-    # Prefill: virtual inputs (soft prompt / KV prefix) enter here once; the mask then keeps their
-    # columns, so decode steps only append one token and one mask column, as for a plain model.
-    step, _ = prepare_inputs(model, ids, mask, cache)
-    step.pop("position_ids", None)  # derived from the mask below, at every step
-    # Only the last position's logits are needed: skip the (B, T, V) prompt logits at prefill.
-    keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
-    for _ in range(cfg.max_new_tokens):
-        mask = step["attention_mask"]
-        step_len = (step["input_ids"] if "input_ids" in step else step["inputs_embeds"]).shape[1]
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -step_len:]
-        with inputs_prepared():
-            logits = model(**step, position_ids=positions, use_cache=True, **keep).logits[:, -1]  # (B, V)
-        if expand is not None:  # after the prefill: one row per prompt -> one row per request
-            logits, mask = logits[expand], mask[expand]
-            cache.reorder_cache(expand)  # index_select on the batch dimension of every layer's keys and values
-            expand = None
+    logits, mask, cache = prefill(model, [list(p) for p in unique] if shared else prompts, pad_id)
+    if shared:  # one row per prompt -> one row per request
+        expand = torch.tensor(source, device=device)
+        logits, mask = logits[expand], mask[expand]
+        cache.reorder_cache(expand)  # index_select on the batch dimension of every layer's keys and values
+    for i in range(cfg.max_new_tokens):
         nxt = sample_next(logits, cfg, generator)
         nxt = torch.where(finished, torch.full_like(nxt, pad_id), nxt)
         for row in torch.nonzero(~finished).flatten().tolist():
@@ -119,10 +160,9 @@ def _decode(model: nn.Module, prompts: list[list[int]], stop_ids: list[int], pad
             if include_stop or tok not in stop_ids:
                 out[row].append(tok)
         finished |= torch.isin(nxt, stop)
-        if bool(finished.all()):
+        if bool(finished.all()) or i == cfg.max_new_tokens - 1:
             break
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)  # finished rows' tokens are ignored
-        step = {"input_ids": nxt.unsqueeze(1), "attention_mask": mask, cache_key: cache}
+        logits, mask = decode_step(model, nxt, mask, cache, cache_key)
     model.train(was_training)
     return out
 
@@ -142,8 +182,6 @@ def generate(model: nn.Module, tokenizer, prompts: list[str] | list[list[dict]],
     `adapter_names` gives each prompt its own adapter (None: the base), decoded in shared batches."""
     if adapter_names is not None and len(adapter_names) != len(prompts):
         raise ValueError(f"{len(adapter_names)} adapter names for {len(prompts)} prompts; give one per prompt")
-    from plugtune.data.tokenize import prompt_ids
-
     encoded = []
     for p in prompts:
         if chat:

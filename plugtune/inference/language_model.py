@@ -21,6 +21,7 @@ from torch import nn
 from plugtune.adapters.io import adapter_method_and_config, load_adapter, read_adapter_config
 from plugtune.adapters.layers import adapter_names, adapter_state, remove_adapter, set_active_adapters
 from plugtune.inference.generate import GenerationConfig, generate
+from plugtune.inference.router import Router, load_router
 from plugtune.models.loading import LoadedModel
 
 AUTO = "auto"
@@ -42,7 +43,7 @@ class LanguageModel:
         self.tokenizer = loaded.tokenizer
         self.path: Path = loaded.path
         self.name: str = loaded.name
-        self.router = None  # an inference.router.Router, for adapters="auto"
+        self.router: Router | None = None  # for adapters="auto"
         self._sources: dict[str, str | None] = {}
         self._active: list[str] = []
 
@@ -117,7 +118,5 @@ class LanguageModel:
                         adapter_names=names)
 
     def load_router(self, path: str | Path) -> "LanguageModel":
-        from plugtune.inference.router import load_router
-
         self.router = load_router(path, self.model, known=self.adapters)
         return self

@@ -27,6 +27,7 @@ from torch import nn
 
 from plugtune.adapters.io import AdapterMismatchError, base_fingerprint
 from plugtune.adapters.layers import adapters_disabled
+from plugtune.data.templates import render
 from plugtune.data.tokenize import prompt_ids
 from plugtune.models.causal_lm import hidden_states
 from plugtune.models.loading import read_safetensors
@@ -42,8 +43,6 @@ def _messages(prompt) -> list[dict]:
 def prompt_features(model: nn.Module, tokenizer, prompts: list, batch_size: int = 32) -> torch.Tensor:
     """(N, C) unit vectors: the base model's final hidden states averaged over each prompt's last
     user message (its tokens located by character offsets in the rendered chat prompt)."""
-    from plugtune.data.templates import render
-
     was_training = model.training
     model.eval()
     rows, spans = [], []

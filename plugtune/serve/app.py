@@ -26,7 +26,7 @@ import hmac
 import json
 import logging
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, ValidationError
@@ -134,8 +134,7 @@ class _AdapterBody(BaseModel):
 
 def create_app(lm: LanguageModel, settings: ServeSettings | None = None) -> FastAPI:
     """The FastAPI app serving `lm` (its engine starts and stops with the app)."""
-    settings = settings or ServeSettings()
-    server = Server(lm, settings)
+    server = Server(lm, settings or ServeSettings())
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -148,6 +147,15 @@ def create_app(lm: LanguageModel, settings: ServeSettings | None = None) -> Fast
     app = FastAPI(title="plugtune", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.server = server
     app.add_middleware(_Guard, server=server)
+    _add_error_handlers(app)
+    for routes in (_health_routes(server), _model_routes(server), _generation_routes(server),
+                   _adapter_routes(server)):
+        app.include_router(routes)
+    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every failure, ours or the framework's, answered with OpenAI's error body."""
 
     @app.exception_handler(APIError)
     async def api_error(request, exc: APIError):
@@ -171,60 +179,89 @@ def create_app(lm: LanguageModel, settings: ServeSettings | None = None) -> Fast
         return _error_response(APIError(500, f"internal error: {type(exc).__name__}: {exc}",
                                         type="internal_server_error"))
 
-    @app.get("/health")
+
+def _health_routes(server: Server) -> APIRouter:
+    """GET /health and GET /metrics (Prometheus text)."""
+    routes = APIRouter()
+
+    @routes.get("/health")
     async def health():
         if not server.engine.alive:
             raise APIError(503, "the generation engine is not running", type="internal_server_error")
         return {"status": "ok"}
 
-    @app.get("/metrics")
+    @routes.get("/metrics")
     async def get_metrics():
         text = metrics.render(server.engine, server.base, server.http, len(server.adapters), server.in_flight)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
-    def model_card(name: str) -> dict:
-        card = {"id": name, "object": "model", "created": server.created, "owned_by": "plugtune",
-                "root": str(lm.path), "parent": None, "max_model_len": server.context, "permission": []}
-        if name in server.adapters:
-            entry = server.adapters[name]
-            card.update(created=entry["created"], root=entry["path"], parent=server.base, adapter=entry["info"])
-        elif name == AUTO:
-            card.update(root="router", parent=server.base)
-        return card
+    return routes
 
-    @app.get("/v1/models")
+
+def _model_routes(server: Server) -> APIRouter:
+    """GET /v1/models and GET /v1/models/{name}: the base, its adapters, and `auto` with a router."""
+    routes = APIRouter()
+
+    @routes.get("/v1/models")
     async def list_models():
-        return {"object": "list", "data": [model_card(n) for n in server.known()]}
+        return {"object": "list", "data": [_model_card(server, n) for n in server.known()]}
 
-    @app.get("/v1/models/{name}")
+    @routes.get("/v1/models/{name}")
     async def get_model(name: str):
         if name not in server.known():
             raise APIError(404, f"The model '{name}' does not exist. Known models: {', '.join(server.known())}.",
                            param="model", code="model_not_found")
-        return model_card(name)
+        return _model_card(server, name)
 
-    @app.post("/v1/chat/completions")
+    return routes
+
+
+def _model_card(server: Server, name: str) -> dict:
+    card = {"id": name, "object": "model", "created": server.created, "owned_by": "plugtune",
+            "root": str(server.lm.path), "parent": None, "max_model_len": server.context, "permission": []}
+    if name in server.adapters:
+        entry = server.adapters[name]
+        card.update(created=entry["created"], root=entry["path"], parent=server.base, adapter=entry["info"])
+    elif name == AUTO:
+        card.update(root="router", parent=server.base)
+    return card
+
+
+def _generation_routes(server: Server) -> APIRouter:
+    """POST /v1/chat/completions and POST /v1/completions: parse, tokenize, hand to server.generate."""
+    routes = APIRouter()
+    tokenizer, settings = server.lm.tokenizer, server.settings
+
+    @routes.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         req = await read_body(request, ChatCompletionRequest, settings.max_body_bytes)
         req.refuse_unsupported()
         messages = chat_messages(req.messages)
         try:
-            ids = prompt_ids(lm.tokenizer, messages)
+            ids = prompt_ids(tokenizer, messages)
         except Exception as exc:  # a template that rejects this conversation (e.g. roles out of order)
             raise APIError(400, f"The chat template cannot render these messages: {exc}", param="messages") from None
         requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         return await server.generate(request, req, "chat", [ids], [messages], requested, settings.max_tokens,
                                      "messages")
 
-    @app.post("/v1/completions")
+    @routes.post("/v1/completions")
     async def completions(request: Request):
         req = await read_body(request, CompletionRequest, settings.max_body_bytes)
         req.refuse_unsupported()
-        prompts, texts = _completion_prompts(req.prompt, lm.tokenizer)
+        prompts, texts = _completion_prompts(req.prompt, tokenizer)
         # The legacy completions API defaults to 16 tokens (OpenAI and vLLM alike).
         return await server.generate(request, req, "completion", prompts, texts, req.max_tokens, 16, "prompt")
 
-    @app.post("/v1/load_lora_adapter")
+    return routes
+
+
+def _adapter_routes(server: Server) -> APIRouter:
+    """POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's names and bodies)."""
+    routes = APIRouter()
+    settings = server.settings
+
+    @routes.post("/v1/load_lora_adapter")
     async def load_lora_adapter(request: Request):
         body = await read_body(request, _AdapterBody, settings.max_body_bytes)
         try:
@@ -241,7 +278,7 @@ def create_app(lm: LanguageModel, settings: ServeSettings | None = None) -> Fast
         log.info("loaded adapter %s from %s", name, path)
         return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
 
-    @app.post("/v1/unload_lora_adapter")
+    @routes.post("/v1/unload_lora_adapter")
     async def unload_lora_adapter(request: Request):
         body = await read_body(request, _AdapterBody, settings.max_body_bytes)
         if body.lora_name not in server.adapters or body.lora_name in server.unloading:
@@ -251,7 +288,7 @@ def create_app(lm: LanguageModel, settings: ServeSettings | None = None) -> Fast
         log.info("unloaded adapter %s", body.lora_name)
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
-    return app
+    return routes
 
 
 def _completion_prompts(prompt, tokenizer) -> tuple[list[list[int]], list[str]]:

@@ -7,16 +7,16 @@ One background thread owns the model. Every step it
      running batch (batch_cache.py),
   3. runs one decode step for every running row, again each row with its own adapter,
   4. samples each row with its own settings and random generator, applies stop tokens, stop
-     strings and max_tokens, and retires finished rows (their cache rows and padding go).
+     strings and max_new_tokens, and retires finished rows (their cache rows and padding go).
 So requests join and leave the batch at every step (Orca's iteration-level scheduling, Yu et al.
 2022, sec. 3.2) and rows of different adapters share each forward pass (Punica / S-LoRA).
 
     engine = Engine(lm.model, lm.tokenizer, max_batch=16).start()
-    handle = engine.submit(Request(prompt_ids, adapter="dates", params=SamplingParams(max_tokens=32)))
+    handle = engine.submit(Request(prompt_ids, adapter="dates", gen=GenerationConfig(max_new_tokens=32)))
     print(handle.result().text)          # or: for event in handle: ...  (text deltas)
 
 A greedy row computes what `inference.generate.generate` computes for the same request alone:
-the same prefill (virtual inputs via prepare_inputs), positions from the attention mask, argmax.
+the same `prefill` and `decode_step` (inference/generate.py), positions from the attention mask, argmax.
 Padding columns are masked, so only float rounding differs. Seeded sampling draws from the row's
 own generator exactly as `generate` with that seed does for a batch of one.
 
@@ -29,7 +29,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import copy
-import inspect
 import logging
 import queue
 import random
@@ -43,8 +42,8 @@ import torch
 from torch import nn
 
 from plugtune.adapters.mixed import check_row_adapters, mixed_adapters
-from plugtune.inference.generate import GenerationConfig, sample_next, stop_token_ids
-from plugtune.models.causal_lm import cache_kwarg, inputs_prepared, prepare_inputs
+from plugtune.inference.generate import GenerationConfig, decode_step, prefill, sample_next, stop_token_ids
+from plugtune.models.causal_lm import cache_kwarg
 from plugtune.serve.batch_cache import concat_rows, select_rows
 from plugtune.serve.detokenize import TextStream
 
@@ -52,29 +51,23 @@ log = logging.getLogger("plugtune.serve")
 
 
 @dataclass
-class SamplingParams:
-    max_tokens: int = 16
-    temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()  # stop strings, not part of the output
-    stop_token_ids: tuple[int, ...] = ()  # in addition to the model's end tokens
-    ignore_eos: bool = False  # run to max_tokens (benchmarks); stop_token_ids still stop
-
-
-@dataclass
 class Request:
+    """One prompt to continue: how to sample (`gen`, the type `generate` takes) and what only a
+    served request has: stop strings, extra stop tokens, ignore_eos."""
+
     prompt_ids: list[int]
     adapter: str | None = None  # None: the base model
-    params: SamplingParams = field(default_factory=SamplingParams)
+    gen: GenerationConfig = field(default_factory=lambda: GenerationConfig(max_new_tokens=16))  # as /v1/completions
     tag: Any = None  # returned with every event (the HTTP layer's choice index)
+    stop: tuple[str, ...] = ()  # stop strings, not part of the output
+    stop_token_ids: tuple[int, ...] = ()  # in addition to the model's end tokens
+    ignore_eos: bool = False  # run to max_new_tokens (benchmarks); stop_token_ids still stop
 
 
 @dataclass
 class Event:
     """What a request produced since its previous event. The last event has a finish_reason:
-    'stop' (end token or stop string), 'length' (max_tokens), 'abort' (cancelled) or 'error'."""
+    'stop' (end token or stop string), 'length' (max_new_tokens), 'abort' (cancelled) or 'error'."""
 
     tag: Any
     text: str
@@ -171,19 +164,16 @@ class _Row:
     def __init__(self, handle: Handle, tokenizer, end_ids: list[int], device: torch.device):
         self.handle = handle
         req = handle.request
-        p = req.params
         self.adapter = req.adapter
-        self.params = p
-        self.cfg = GenerationConfig(max_new_tokens=p.max_tokens, temperature=p.temperature, top_k=p.top_k,
-                                    top_p=p.top_p, seed=p.seed)
+        self.gen = req.gen
         self.generator = None
-        if p.temperature > 0:  # every sampled row has its own stream of random numbers
-            seed = p.seed if p.seed is not None else random.getrandbits(63)
+        if self.gen.temperature > 0:  # every sampled row has its own stream of random numbers
+            seed = self.gen.seed if self.gen.seed is not None else random.getrandbits(63)
             self.generator = torch.Generator(device=device).manual_seed(seed)
-        self.stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else set(end_ids))
+        self.stop_ids = set(req.stop_token_ids) | (set() if req.ignore_eos else set(end_ids))
         self.out: list[int] = []  # generated tokens, end token excluded
         self.count = 0  # generated tokens, end token included
-        self.text = TextStream(tokenizer, p.stop)
+        self.text = TextStream(tokenizer, req.stop)
         self.reported = 0  # tokens of `out` already sent in events
 
     def advance(self, token: int) -> str | None:
@@ -194,7 +184,7 @@ class _Row:
             reason = "stop"
         else:
             self.out.append(token)
-            if self.count >= self.params.max_tokens:
+            if self.count >= self.gen.max_new_tokens:
                 reason = "length"
         delta, stopped = self.text.update(self.out, final=reason is not None)
         if stopped:
@@ -243,8 +233,6 @@ class Engine:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._cache_key = cache_kwarg(model)
-        self._keep_last = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters \
-            else {}
 
     # Public side (any thread) --------------------------------------------------------------------
     def start(self) -> "Engine":
@@ -271,8 +259,6 @@ class Engine:
         must not block) or to the handle's own queue."""
         if not request.prompt_ids:
             raise ValueError("a request needs at least one prompt token")
-        if request.params.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {request.params.max_tokens}")
         handle = Handle(request, sink)
         with self._cond:
             if self._stopping:
@@ -395,26 +381,9 @@ class Engine:
     def _prefill(self, handles: list[Handle]) -> None:
         """Prefill the newcomers together (left-padded) and merge them into the running batch."""
         prompts = [h.request.prompt_ids for h in handles]
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long, device=self.device)
-        mask = torch.zeros_like(ids)
-        for row, p in enumerate(prompts):
-            ids[row, width - len(p):] = torch.tensor(p, device=self.device)
-            mask[row, width - len(p):] = 1
-        from transformers import DynamicCache
-
-        cache = DynamicCache()
-        names = [h.request.adapter for h in handles]
         self._close_plan()
-        with mixed_adapters(self.model, names):
-            # Virtual inputs (soft prompts) enter here, as in generate(); the mask then covers them.
-            step, _ = prepare_inputs(self.model, ids, mask, cache)
-            step.pop("position_ids", None)
-            mask = step["attention_mask"]
-            step_len = (step["input_ids"] if "input_ids" in step else step["inputs_embeds"]).shape[1]
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -step_len:]
-            with inputs_prepared():
-                logits = self.model(**step, position_ids=positions, use_cache=True, **self._keep_last).logits[:, -1]
+        with mixed_adapters(self.model, [h.request.adapter for h in handles]):
+            logits, mask, cache = prefill(self.model, prompts, self.pad_id)  # as generate() prefills
         rows = [_Row(h, self.tokenizer, self.end_ids, self.device) for h in handles]
         self.stats.prefill_batches += 1
         self.stats.prefill_rows += len(rows)
@@ -430,17 +399,12 @@ class Engine:
 
     def _decode(self) -> None:
         """One token for every running row, each with its own adapter."""
-        mask = torch.cat([self._mask, torch.ones_like(self._mask[:, :1])], dim=1)  # (B, T + 1)
-        positions = (mask.cumsum(-1) - 1)[:, -1:]  # (B, 1): each row's own next position
         names = tuple(r.adapter for r in self._rows)
         if names != self._plan_names:
             self._close_plan()
             self._plan.enter_context(mixed_adapters(self.model, list(names)))
             self._plan_names = names
-        with inputs_prepared():
-            logits = self.model(input_ids=self._last.unsqueeze(1), attention_mask=mask, position_ids=positions,
-                                use_cache=True, **{self._cache_key: self._cache}).logits[:, -1]  # (B, V)
-        self._mask = mask
+        logits, self._mask = decode_step(self.model, self._last, self._mask, self._cache, self._cache_key)
         st = self.stats
         st.decode_steps += 1
         st.decode_rows += len(names)
@@ -456,7 +420,7 @@ class Engine:
         tokens = logits.argmax(dim=-1)
         for i, row in enumerate(rows):
             if row.generator is not None:
-                tokens[i] = sample_next(logits[i:i + 1], row.cfg, row.generator)[0]
+                tokens[i] = sample_next(logits[i:i + 1], row.gen, row.generator)[0]
         return tokens
 
     def _advance(self, first: int, tokens: list[int]) -> None:

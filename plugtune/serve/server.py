@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from plugtune.adapters.io import adapter_method_and_config
 from plugtune.adapters.mixed import check_row_adapters
+from plugtune.inference.generate import GenerationConfig
 from plugtune.inference.language_model import AUTO, LanguageModel
 from plugtune.serve.adapters_dir import AdapterPathError, NAME_RE, check_name, resolve_adapter_dir
-from plugtune.serve.engine import Engine, Request as EngineRequest, SamplingParams
+from plugtune.serve.engine import Engine, Request as EngineRequest
 from plugtune.serve.protocol import APIError, SamplingFields, chat_delta, envelope, new_id, now, usage
 
 MAX_CHOICES = 64  # prompts x n per request
@@ -66,8 +68,6 @@ class Server:
     def _entry(self, name: str) -> dict:
         """The registry entry of a loaded adapter (runs where the model may be read: start-up or the
         engine thread)."""
-        from plugtune.adapters.io import adapter_method_and_config
-
         info = next(i for i in self.lm.info() if i.name == name)
         _, cfg = adapter_method_and_config(self.lm.model, name)
         return {"path": info.path, "created": now(), "info": {"method": info.method, "r": getattr(cfg, "r", None)}}
@@ -187,15 +187,16 @@ class Server:
                 loop.call_soon_threadsafe(events.put_nowait, event)
 
             temperature = 1.0 if req.temperature is None else req.temperature  # OpenAI's default
+            gen = GenerationConfig(max_new_tokens=max_tokens, temperature=temperature,
+                                   top_p=1.0 if req.top_p is None else req.top_p, top_k=max(0, req.top_k or 0))
+            stop, stop_ids = tuple(req.stop_list()), tuple(req.stop_token_ids or ())
             for i, (ids, adapter) in enumerate(zip(prompts, adapters)):
                 for j in range(req.n):  # choice j of a seeded request samples with seed + j
-                    params = SamplingParams(max_tokens=max_tokens, temperature=temperature,
-                                            top_p=1.0 if req.top_p is None else req.top_p, top_k=max(0, req.top_k or 0),
-                                            seed=None if req.seed is None else req.seed + j,
-                                            stop=tuple(req.stop_list()), stop_token_ids=tuple(req.stop_token_ids or ()),
-                                            ignore_eos=req.ignore_eos)
+                    choice = EngineRequest(ids, adapter, gen if req.seed is None else replace(gen, seed=req.seed + j),
+                                           tag=i * req.n + j, stop=stop, stop_token_ids=stop_ids,
+                                           ignore_eos=req.ignore_eos)
                     try:
-                        handle = self.engine.submit(EngineRequest(ids, adapter, params, tag=i * req.n + j), sink)
+                        handle = self.engine.submit(choice, sink)
                     except RuntimeError as exc:  # shutting down
                         raise APIError(503, str(exc), type="internal_server_error") from None
                     lease.handles.append(handle)
