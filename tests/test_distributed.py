@@ -255,7 +255,7 @@ def test_only_trainable_gradients_are_summed(tmp_path):
 
 def test_grpo_under_ddp_runs_and_resumes_exactly(tmp_path, tiny_model_dir, monkeypatch):
     """Each rank generates its own prompt groups; each rank's rollout buffer is in the checkpoint."""
-    from plugtune.training.recipes.rollouts import REWARD_FUNCTIONS
+    from plugtune.inference.verifiers import REWARD_FUNCTIONS
 
     monkeypatch.setitem(REWARD_FUNCTIONS, "length", lambda prompts, completions: [len(c) / 10 for c in completions])
     prompts = tmp_path / "prompts.jsonl"

@@ -7,7 +7,8 @@ import torch
 
 import plugtune
 from plugtune.config import ConfigError, load_run_config
-from plugtune.training.recipes.rollouts import REWARD_FUNCTIONS, make_scorer, resolve_reward_function
+from plugtune.inference.verifiers import REWARD_FUNCTIONS, resolve_reward_function
+from plugtune.training.recipes.rollouts import make_scorer
 
 PROMPTS = ["hello world", "what is the answer", "convert date", "the quick brown fox", "question", "tell me",
            "say something", "answer now"]

@@ -13,7 +13,6 @@ rewards and GAE; GRPO's group advantages); the source only generates, scores and
 """
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
@@ -26,9 +25,9 @@ from plugtune.data.preference import PromptItem, load_prompts
 from plugtune.data.tokenize import IGNORE_INDEX
 from plugtune.inference.generate import GenerationConfig, generate_ids, stop_token_ids
 from plugtune.inference.reward_model import load_reward_model
+from plugtune.inference.verifiers import checked_scores, resolve_reward_function
 from plugtune.models.loading import load_base
 from plugtune.schema import ConfigError
-from plugtune.tasks.instructions.checkers import compliance_reward
 from plugtune.training.compute.reference import Reference
 from plugtune.training.engine.types import ParamGroup
 from plugtune.training.recipes.common import Setup, prepare_model, save_policy
@@ -70,41 +69,13 @@ def check_rollout_config(cfg: RunConfig) -> None:
 Scorer = Callable[[list[PromptItem], list[str], dict], torch.Tensor]  # (prompts, completions, batch) -> (N,)
 
 
-def instructions_reward(prompts: list[PromptItem], completions: list[str]) -> list[float]:
-    """The verifiable-instruction checkers (tasks/instructions/checkers.py) as a shaped reward."""
-    return compliance_reward([p.meta for p in prompts], completions)
-
-
-REWARD_FUNCTIONS: dict[str, Callable[[list[PromptItem], list[str]], list[float]]] = {
-    "instructions": instructions_reward,
-}
-
-
-def resolve_reward_function(name: str) -> Callable:
-    """A registered name, or 'package.module:function' taking (prompts, completions) -> list of floats."""
-    if name in REWARD_FUNCTIONS:
-        return REWARD_FUNCTIONS[name]
-    module, sep, attr = name.partition(":")
-    if not sep:
-        raise ValueError(f"unknown reward function '{name}': use one of {', '.join(REWARD_FUNCTIONS)} or "
-                         "'package.module:function' (called with (prompts, completions), returning one float each)")
-    try:
-        return getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as exc:
-        raise ValueError(f"reward function '{name}' could not be imported: {exc}") from exc
-
-
 def make_scorer(functions: list[Callable], reward_model=None) -> Scorer:
     """Sum of the reward functions' values and the reward model's score."""
 
     def score(prompts: list[PromptItem], completions: list[str], batch: dict) -> torch.Tensor:
         total = torch.zeros(len(completions))
         for fn in functions:
-            values = torch.tensor([float(v) for v in fn(prompts, completions)])
-            if values.shape != total.shape:
-                raise ValueError(f"reward function {getattr(fn, '__name__', fn)} returned {values.numel()} values "
-                                 f"for {len(completions)} completions")
-            total += values
+            total += torch.tensor(checked_scores(fn, prompts, completions))
         if reward_model is not None:  # an inference.reward_model.RewardModel: scores prompt + completion as rendered
             total += reward_model.score_ids(batch["input_ids"], batch["attention_mask"]).float().cpu()
         return total
