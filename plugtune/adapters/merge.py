@@ -8,8 +8,9 @@ from torch import nn
 from plugtune.adapters.layers import adapter_layers, merge_adapters, unwrap_merged
 
 
-def merge_and_save(model, tokenizer, out_dir: str | Path, name: str = "default") -> Path:
-    """Merge adapter `name` into `model` (in place), unwrap, and save with safetensors."""
+def fold_into_base(model: nn.Module, name: str = "default") -> nn.Module:
+    """Merge adapter `name` into `model`'s weights (in place) and unwrap: a plain model, the adapter
+    now part of the base (a tied LM head is untied first when the adapter changes the embedding)."""
     not_mergeable = sorted({type(layer).__name__ for _, layer in adapter_layers(model)
                             if name in layer.configs and not layer.can_merge})
     if not_mergeable:
@@ -17,7 +18,12 @@ def merge_and_save(model, tokenizer, out_dir: str | Path, name: str = "default")
                          "weights (it is non-linear or adds inputs); serve it unmerged instead")
     _untie_if_merging_shared_weights(model, name)
     merge_adapters(model, [name])
-    unwrap_merged(model)
+    return unwrap_merged(model)
+
+
+def merge_and_save(model, tokenizer, out_dir: str | Path, name: str = "default") -> Path:
+    """Merge adapter `name` into `model` (in place), unwrap, and save with safetensors."""
+    fold_into_base(model, name)
     out = Path(out_dir)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)

@@ -12,6 +12,9 @@ from typing import Any
 
 import yaml
 
+from plugtune.adapters.registry import get_method
+from plugtune.config import (RunConfig, TrainingConfig, apply_overrides, resolve_config_path,
+                             validate_run_config)
 from plugtune.schema import ConfigError, from_dict
 
 _BUDGET_KEYS = ("max_steps", "epochs", "batch_size", "grad_accum")  # shared by all methods: set in `budget`
@@ -124,8 +127,6 @@ def resolve_compare_config(path: str | Path) -> Path:
 def load_compare_config(path: str | Path | None = None, overrides: list[str] | None = None) -> CompareConfig:
     """YAML (a file or a shipped name) + `a.b=c` overrides -> a validated CompareConfig. `base` may name
     a run config (e.g. demo_lora); it is read first, so `base.training.lr=...` overrides work on it."""
-    from plugtune.config import apply_overrides, resolve_config_path
-
     raw: dict[str, Any] = {}
     where = "compare config"
     if path is not None:
@@ -152,9 +153,6 @@ def load_compare_config(path: str | Path | None = None, overrides: list[str] | N
 
 
 def validate_compare_config(cfg: CompareConfig) -> None:
-    from plugtune.adapters.registry import get_method
-    from plugtune.config import RunConfig, validate_run_config
-
     try:
         base = from_dict(RunConfig, cfg.base, where="base")
         validate_run_config(base)
@@ -224,8 +222,6 @@ def method_run_config(cfg: CompareConfig, spec: MethodSpec, steps: int, out_dir:
                       train_file: str | None = None):
     """The run config of one method: the base, the method's keys, the shared budget; evaluation is
     compare's own (data.eval off), no resume, no progress bar."""
-    from plugtune.config import RunConfig, TrainingConfig, validate_run_config
-
     raw = copy.deepcopy(cfg.base)
     raw.update(method=spec.method, adapter=dict(spec.adapter), objective="sft")
     raw["data"] = {**raw.get("data", {}), "eval": "", **({"train": train_file} if train_file else {})}
@@ -242,8 +238,6 @@ def method_run_config(cfg: CompareConfig, spec: MethodSpec, steps: int, out_dir:
 
 
 def dpo_run_config(cfg: CompareConfig, pairs_file: str | Path, out_dir: str | Path, model_name: str | None = None):
-    from plugtune.config import RunConfig, validate_run_config
-
     d = cfg.sft_then_dpo
     raw = copy.deepcopy(cfg.base)
     raw.update(objective="dpo", method=d.method, adapter=dict(d.adapter), dpo=dict(d.dpo))

@@ -9,6 +9,8 @@ import platform
 from dataclasses import asdict
 from pathlib import Path
 
+import torch
+
 # The usual summary, in words: (cost, data, control).
 USUAL = {
     "full fine-tuning": ("high", "large", "full"),
@@ -23,8 +25,7 @@ _CONTROL = {  # what the words mean, stated as the property the measured column 
 
 
 def machine_info() -> dict:
-    import torch
-    import transformers
+    import transformers  # here, not at the top: ~0.5 s to import, and every `plugtune` command imports this module
 
     cpu = platform.processor()
     try:
@@ -349,6 +350,8 @@ def print_summary(report: dict) -> None:
 
 
 def plot_all(report: dict, out: Path) -> list[Path]:
+    # Imported here: pyplot is slow to import, and the Agg backend (files only, no display) must be
+    # chosen before it, a process-wide setting made only by the run that writes the plots.
     import matplotlib
 
     matplotlib.use("Agg")

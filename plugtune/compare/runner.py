@@ -21,28 +21,44 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import random
-import resource
+import shlex
 import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from plugtune.adapters import load_adapter
+from plugtune.adapters.merge import fold_into_base
 from plugtune.compare.config import (CompareConfig, MethodSpec, dpo_run_config, family_of, load_compare_config,
                                      method_run_config, slug)
-from plugtune.compare.config import shipped_compare_configs  # noqa: F401  (re-exported for callers)
-from plugtune.schema import ConfigError, from_dict
+from plugtune.compare.report import (dpo_row, machine_info, method_row, print_summary, sweep_point, train_records,
+                                     write_report)
+from plugtune.config import RunConfig
+from plugtune.data import load_examples
+from plugtune.data.batching import batch_indices
+from plugtune.data.formats import read_records
+from plugtune.data.tokenize import IGNORE_INDEX
+from plugtune.evaluation import exact_match, loss_and_perplexity, normalise_answer
+from plugtune.inference.generate import GenerationConfig, generate
+from plugtune.models.loading import LoadedModel, load_base
+from plugtune.schema import ConfigError, from_dict, to_dict
+from plugtune.tasks.chat import general_chat
+from plugtune.training.engine.loop import count_parameters, peak_memory_mb
+from plugtune.training.recipes.dpo import read_pairs
+from plugtune.training.run import train
 
 
 # ---------------------------------------------------------------- one job (in this process or a worker)
 
 
 def heldout_examples(path: str, n: int, fmt: str = "auto", system_prompt: str | None = None):
-    from plugtune.data import load_examples
-
     return load_examples(path, fmt, system_prompt)[:n]
 
 
@@ -52,27 +68,11 @@ def retention_examples(spec: dict) -> list:
     if spec["source"] == "none" or spec["n"] == 0:
         return []
     if spec["source"] == "chatterbot":
-        from plugtune.demos.align import general_chat
-
         return general_chat(spec["n"])
-    from plugtune.data import load_examples
-
     return load_examples(spec["source"])[: spec["n"]]
 
 
-def memory_mark(device) -> float:
-    """The high-water mark of this process so far, in MiB: peak RSS on CPU, peak allocated on CUDA."""
-    import torch
-
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
 def evaluate_model(model, tokenizer, job: dict, retention: list) -> dict:
-    from plugtune.evaluation import exact_match, loss_and_perplexity
-    from plugtune.inference.generate import GenerationConfig
-
     ev = job["eval"]
     heldout = heldout_examples(job["heldout"], ev["n"], job["format"], job["system_prompt"])
     t0 = time.perf_counter()
@@ -107,9 +107,6 @@ def perturb(answer: str, rng: random.Random) -> str:
 def build_pairs(model, tokenizer, examples: list, rejected: str, gen_cfg, batch_size: int, seed: int = 0):
     """Preference pairs from task examples: chosen = the reference; rejected = the model's own wrong
     greedy answer (rejected=model) or, where it is right or empty, the perturbed reference."""
-    from plugtune.evaluation import normalise_answer
-    from plugtune.inference.generate import generate
-
     answers = generate(model, tokenizer, [ex.prompt_messages() for ex in examples], gen_cfg, batch_size=batch_size)
     rng = random.Random(seed)
     rows, from_model = [], 0
@@ -123,8 +120,6 @@ def build_pairs(model, tokenizer, examples: list, rejected: str, gen_cfg, batch_
 
 
 def _fresh_base(job: dict, base):
-    from plugtune.models.loading import LoadedModel, load_base
-
     if base is None:
         return load_base(job["model"], job["dtype"], job["device"])
     return LoadedModel(copy.deepcopy(base.model), base.tokenizer, base.path, base.name)
@@ -132,27 +127,17 @@ def _fresh_base(job: dict, base):
 
 def _sft_model(job: dict, base):
     """The SFT row's model as the new base: its adapter folded into the weights, or its model directory."""
-    from plugtune.adapters import load_adapter, merge_adapters, unwrap_merged
-    from plugtune.adapters.merge import _untie_if_merging_shared_weights
-    from plugtune.models.loading import load_base
-
     artifact = Path(job["sft_artifact"])
     if not (artifact / "adapter_config.json").is_file():
         return load_base(str(artifact), job["dtype"], job["device"])
     loaded = _fresh_base(job, base)
     load_adapter(loaded.model, artifact)
-    _untie_if_merging_shared_weights(loaded.model, "default")
-    merge_adapters(loaded.model, ["default"])
-    unwrap_merged(loaded.model)
+    fold_into_base(loaded.model, "default")
     return loaded
 
 
 def _dpo_tokens(pairs_file: str, tokenizer, run) -> int:
     """Completion tokens (chosen + rejected) the DPO stage trained on: the pair stream re-drawn."""
-    from plugtune.data.batching import batch_indices
-    from plugtune.data.tokenize import IGNORE_INDEX
-    from plugtune.training.recipes.dpo import read_pairs
-
     items, _ = read_pairs(pairs_file, tokenizer, run, run.dpo.max_prompt_length or None)
     t, total = run.training, 0
     for i in range(t.max_steps * t.grad_accum):
@@ -164,24 +149,22 @@ def _dpo_tokens(pairs_file: str, tokenizer, run) -> int:
 def run_job(job: dict, base=None) -> dict:
     """Train and evaluate one run. `base` None: load it here (a worker process, memory measured);
     else train a copy of it in this process (memory not measured)."""
-    from plugtune.config import RunConfig
-    from plugtune.inference.generate import GenerationConfig
-    from plugtune.training.run import train
-
     run = from_dict(RunConfig, job["run_config"], where="job")
     own_process = base is None
-    if own_process:  # what the loop imports on the way (the loss-curve plot, AdamW) is not training memory
+    if own_process:
+        # What the loop imports on the way (the loss-curve plot) is not training memory: import it before the
+        # after-load mark. Here, not at the top: pyplot is slow to import, and the Agg backend chosen before it
+        # is a process-wide setting that only a worker process should make.
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot  # noqa: F401
-        import torch.optim  # noqa: F401
     retention = retention_examples(job["retention"]) if job["with_retention"] else []
     stage: dict[str, Any] = {}
     if job["kind"] == "dpo":
         loaded = _sft_model(job, base)
         device = next(loaded.model.parameters()).device
-        after_load = memory_mark(device)
+        after_load = peak_memory_mb(device)
         prompts = heldout_examples(job["train_file"], job["pairs"], job["format"], job["system_prompt"])
         t0 = time.perf_counter()
         rows, from_model = build_pairs(loaded.model, loaded.tokenizer, prompts, job["rejected"],
@@ -193,7 +176,7 @@ def run_job(job: dict, base=None) -> dict:
     else:
         loaded = _fresh_base(job, base)
         device = next(loaded.model.parameters()).device
-        after_load = memory_mark(device)
+        after_load = peak_memory_mb(device)
     report = train(run, loaded)
     memory = {"measured": own_process, "after_load_mb": after_load if own_process else None,
               "peak_mb": report.peak_memory_mb if own_process else None}
@@ -217,8 +200,6 @@ def _run_in_worker(job: dict, job_dir: Path) -> dict:
 
 
 def _worker_main(job_file: str) -> None:
-    import torch
-
     job = json.loads(Path(job_file).read_text())
     torch.set_num_threads(job["threads"])
     Path(job["result"]).write_text(json.dumps(run_job(job), indent=1))
@@ -229,9 +210,6 @@ def _worker_main(job_file: str) -> None:
 
 def _calibrated_steps(cfg: CompareConfig, spec: MethodSpec, base, out: Path) -> tuple[int, float]:
     """Steps that fill budget.seconds: time calibration_steps steps on a copy, the first one not counted."""
-    from plugtune.compare.report import train_records
-    from plugtune.training.run import train
-
     n = cfg.budget.calibration_steps
     run_dir = out / "calibration" / slug(spec.name)
     train(method_run_config(cfg, spec, n, run_dir), _fresh_base({}, base))
@@ -242,8 +220,6 @@ def _calibrated_steps(cfg: CompareConfig, spec: MethodSpec, base, out: Path) -> 
 
 
 def _job(cfg: CompareConfig, kind: str, name: str, run, base_run, threads: int, with_retention: bool) -> dict:
-    from plugtune.schema import to_dict
-
     d = base_run.data
     return {"kind": kind, "name": name, "run_config": to_dict(run), "model": base_run.model.name,
             "dtype": base_run.model.dtype, "device": base_run.model.device, "heldout": cfg.eval.data or d.eval,
@@ -253,8 +229,6 @@ def _job(cfg: CompareConfig, kind: str, name: str, run, base_run, threads: int, 
 
 def _subset_file(train_file: str, n: int, out: Path) -> tuple[str, int]:
     """The first n records of the training file, as JSONL; (path, records). n >= all: the file itself."""
-    from plugtune.data.formats import read_records
-
     records = read_records(train_file)
     if n >= len(records):
         return train_file, len(records)
@@ -272,64 +246,107 @@ def _tidy(run_dir: Path, keep: bool, artifact: str | None = None) -> None:
         shutil.rmtree(artifact, ignore_errors=True)
 
 
+@dataclass
+class _Comparison:
+    """What every run of one comparison shares: the settings, the base run config, the loaded base."""
+
+    cfg: CompareConfig
+    base_run: RunConfig
+    out: Path
+    base: LoadedModel
+    base_params: int
+    threads: int  # torch threads of this process; each worker process uses as many
+
+    def job(self, kind: str, name: str, run, with_retention: bool = True) -> dict:
+        return _job(self.cfg, kind, name, run, self.base_run, self.threads, with_retention)
+
+    def run_main(self, job: dict, run_dir: Path) -> dict:
+        """A main row: in its own process when isolated (its memory measured), else on a copy of the base."""
+        return _run_in_worker(job, run_dir / "worker") if self.cfg.isolate else run_job(job, self.base)
+
+
 def run_compare(cfg: CompareConfig, command: str = "", plan_only: bool = False) -> dict:
     """Train and evaluate every method, the SFT -> DPO row and the data sweep; write the report."""
-    import os
-
-    import torch
-
-    from plugtune.compare.report import (dpo_row, machine_info, method_row, print_summary, sweep_point,
-                                         write_report)
-    from plugtune.config import RunConfig
-    from plugtune.data.formats import read_records
-    from plugtune.models.loading import load_base
-    from plugtune.training.engine.loop import count_parameters
-
     base_run = from_dict(RunConfig, cfg.base, where="base")
-    out = Path(cfg.out)
     n_train = len(read_records(base_run.data.train))
     sizes = sorted({min(n_train, n_train if s == "all" else s) for s in cfg.data_sweep.sizes})
     plan = _plan(cfg, sizes, n_train)
     print("[compare] plan:\n" + "\n".join(f"  {line}" for line in plan))
     if plan_only:
         return {"plan": plan}
+    out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     t_start, machine = time.perf_counter(), machine_info()
+    comparison = _load_comparison(cfg, base_run, out)
+    base = _evaluate_base(comparison)
+    rows, steps_of, per_step_of = _run_methods(comparison)
+    if cfg.sft_then_dpo.after:
+        rows.append(_run_sft_then_dpo(comparison, rows))
+    sweep = _run_data_sweep(comparison, rows, steps_of, sizes, n_train)
+    report = {
+        "title": cfg.title, "command": command, "settings": asdict(cfg), "machine": machine, "train_examples": n_train,
+        "base": base, "rows": rows, "sweep": sweep, "calibration_seconds_per_step": per_step_of,
+        "total_seconds": time.perf_counter() - t_start, "load_average_end": list(os.getloadavg()), "out": str(out),
+    }
+    write_report(report, out)
+    print_summary(report)
+    return report
+
+
+def _load_comparison(cfg: CompareConfig, base_run: RunConfig, out: Path) -> _Comparison:
+    """Load the base once: the data-sweep runs (and, when not isolated, every run) train copies of it."""
     threads = torch.get_num_threads()
     base = load_base(base_run.model.name, base_run.model.dtype, base_run.model.device)
-    base_params = count_parameters(base.model)[1]
-    base_job = _job(cfg, "base", "base", base_run, base_run, threads, True)
-    print(f"[compare] evaluating the base model ({base_params:,} parameters) ...")
-    base_eval = evaluate_model(base.model, base.tokenizer, base_job, retention_examples(base_job["retention"]))
+    return _Comparison(cfg, base_run, out, base, count_parameters(base.model)[1], threads)
 
+
+def _evaluate_base(c: _Comparison) -> dict:
+    """The report's base entry: held-out exact match and loss, and retention loss, of the untrained base."""
+    job = c.job("base", "base", c.base_run)
+    print(f"[compare] evaluating the base model ({c.base_params:,} parameters) ...")
+    result = evaluate_model(c.base.model, c.base.tokenizer, job, retention_examples(job["retention"]))
+    return {"model": c.base_run.model.name, "params": c.base_params, "retention_loss": result.get("retention_loss"),
+            **{k: result[k] for k in ("exact_match", "correct", "total", "heldout_loss", "eval_seconds", "samples")}}
+
+
+def _run_methods(c: _Comparison) -> tuple[list[dict], dict[str, int], dict[str, float]]:
+    """One row per method: (rows, steps of each, seconds per step of each when the budget is in seconds)."""
+    cfg = c.cfg
     rows, steps_of, per_step_of = [], {}, {}
     for k, spec in enumerate(cfg.methods, start=1):
         if cfg.budget.seconds:
-            steps_of[spec.name], per_step_of[spec.name] = _calibrated_steps(cfg, spec, base, out)
+            steps_of[spec.name], per_step_of[spec.name] = _calibrated_steps(cfg, spec, c.base, c.out)
         else:
             steps_of[spec.name] = cfg.budget.max_steps
-        run_dir = out / "runs" / slug(spec.name)
+        run_dir = c.out / "runs" / slug(spec.name)
         run = method_run_config(cfg, spec, steps_of[spec.name], run_dir)
         print(f"[compare] {k}/{len(cfg.methods)} {spec.name}: {run.method}, {steps_of[spec.name]} steps ...")
-        job = _job(cfg, "sft", spec.name, run, base_run, threads, True)
-        result = _run_in_worker(job, run_dir / "worker") if cfg.isolate else run_job(job, base)
-        rows.append(method_row(spec.name, family_of(spec), spec.method, run, result, base_params, run_dir))
+        result = c.run_main(c.job("sft", spec.name, run), run_dir)
+        rows.append(method_row(spec.name, family_of(spec), spec.method, run, result, c.base_params, run_dir))
         _tidy(run_dir, cfg.keep_checkpoints)
+    return rows, steps_of, per_step_of
 
-    d = cfg.sft_then_dpo
-    if d.after:
-        sft = next(r for r in rows if r["name"] == d.after)
-        run_dir = out / "runs" / slug(d.name)
-        sft_model = None if (Path(sft["checkpoint"]) / "adapter_config.json").is_file() else sft["checkpoint"]
-        run = dpo_run_config(cfg, run_dir / "pairs.jsonl", run_dir, sft_model)
-        print(f"[compare] {d.name}: pairs from '{d.after}', DPO {d.max_steps} steps ...")
-        job = {**_job(cfg, "dpo", d.name, run, base_run, threads, True), "sft_artifact": sft["checkpoint"],
-               "train_file": base_run.data.train, "pairs": d.pairs, "rejected": d.rejected}
-        result = _run_in_worker(job, run_dir / "worker") if cfg.isolate else run_job(job, base)
-        rows.append(dpo_row(d, sft, run, result, base_params, run_dir))
-        _tidy(run_dir, cfg.keep_checkpoints)
 
-    sweep = []
+def _run_sft_then_dpo(c: _Comparison, rows: list[dict]) -> dict:
+    """The SFT -> DPO row: the SFT row's model as the base, pairs built with it, then a DPO adapter."""
+    d = c.cfg.sft_then_dpo
+    sft = next(r for r in rows if r["name"] == d.after)
+    run_dir = c.out / "runs" / slug(d.name)
+    sft_model = None if (Path(sft["checkpoint"]) / "adapter_config.json").is_file() else sft["checkpoint"]
+    run = dpo_run_config(c.cfg, run_dir / "pairs.jsonl", run_dir, sft_model)
+    print(f"[compare] {d.name}: pairs from '{d.after}', DPO {d.max_steps} steps ...")
+    job = {**c.job("dpo", d.name, run), "sft_artifact": sft["checkpoint"], "train_file": c.base_run.data.train,
+           "pairs": d.pairs, "rejected": d.rejected}
+    row = dpo_row(d, sft, run, c.run_main(job, run_dir), c.base_params, run_dir)
+    _tidy(run_dir, c.cfg.keep_checkpoints)
+    return row
+
+
+def _run_data_sweep(c: _Comparison, rows: list[dict], steps_of: dict[str, int], sizes: list[int],
+                    n_train: int) -> list[dict]:
+    """Quality against data: each sweep method on the first n examples, in this process (no memory
+    measured); the point with every example and the main run's steps is the main row itself."""
+    cfg, sweep = c.cfg, []
     for name in cfg.data_sweep.methods:
         spec = next(s for s in cfg.methods if s.name == name)
         main = next(r for r in rows if r["name"] == name)
@@ -338,26 +355,15 @@ def run_compare(cfg: CompareConfig, command: str = "", plan_only: bool = False) 
             if n == n_train and steps == main["steps"]:
                 sweep.append(sweep_point(name, n, n_train, main, reused=True))
                 continue
-            train_file, _ = _subset_file(base_run.data.train, n, out)
-            run_dir = out / "sweep" / f"{slug(name)}-n{n}"
+            train_file, _ = _subset_file(c.base_run.data.train, n, c.out)
+            run_dir = c.out / "sweep" / f"{slug(name)}-n{n}"
             run = method_run_config(cfg, spec, steps, run_dir, train_file)
             print(f"[compare] data sweep: {name} on the first {n} examples, {steps} steps ...")
-            result = run_job(_job(cfg, "sft", name, run, base_run, threads, False), base)
-            sweep.append(sweep_point(name, n, n_train, method_row(name, family_of(spec), spec.method, run, result,
-                                                             base_params, run_dir), reused=False))
+            result = run_job(c.job("sft", name, run, with_retention=False), c.base)
+            row = method_row(name, family_of(spec), spec.method, run, result, c.base_params, run_dir)
+            sweep.append(sweep_point(name, n, n_train, row, reused=False))
             _tidy(run_dir, cfg.keep_checkpoints, result["train"]["artifact"])
-
-    report = {
-        "title": cfg.title, "command": command, "settings": asdict(cfg), "machine": machine, "train_examples": n_train,
-        "base": {"model": base_run.model.name, "params": base_params, "retention_loss": base_eval.get("retention_loss"),
-                 **{k: base_eval[k] for k in ("exact_match", "correct", "total", "heldout_loss", "eval_seconds",
-                                              "samples")}},
-        "rows": rows, "sweep": sweep, "calibration_seconds_per_step": per_step_of,
-        "total_seconds": time.perf_counter() - t_start, "load_average_end": list(os.getloadavg()), "out": str(out),
-    }
-    write_report(report, out)
-    print_summary(report)
-    return report
+    return sweep
 
 
 def _plan(cfg: CompareConfig, sizes: list[int], n_train: int) -> list[str]:
@@ -381,8 +387,6 @@ def _plan(cfg: CompareConfig, sizes: list[int], n_train: int) -> list[str]:
 
 
 def cmd_compare(args) -> None:
-    import shlex
-
     overrides = list(args.overrides) + ([f"out={args.out}"] if args.out else [])
     cfg = load_compare_config(args.config, overrides)
     if args.only:

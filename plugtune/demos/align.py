@@ -24,12 +24,15 @@ from plugtune.adapters.layers import adapters_disabled
 from plugtune.adapters.mixed import mixed_adapters
 from plugtune.config import load_run_config
 from plugtune.data import Example, collate, tokenize_dataset
-from plugtune.tasks.instructions.checkers import compliance_reward, load_records, strict_accuracy
+from plugtune.data.tokenize import IGNORE_INDEX
 from plugtune.evaluation import loss_and_perplexity
 from plugtune.inference.generate import GenerationConfig
 from plugtune.inference.language_model import LanguageModel
 from plugtune.models.causal_lm import hidden_states, lm_head
 from plugtune.models.loading import load_base
+from plugtune.tasks.chat import general_chat
+from plugtune.tasks.instructions.checkers import compliance_reward, strict_accuracy
+from plugtune.tasks.instructions.prompts import load_records
 from plugtune.training.run import train
 
 METHODS = ("dpo", "grpo", "ppo")
@@ -83,7 +86,7 @@ def kl_to_reference(model, tokenizer, prompts: list[list[dict]], answers: list[s
     total, count = 0.0, 0
     for i in range(0, len(items), 16):
         batch = collate(items[i:i + 16], tokenizer.pad_token_id)
-        keep = batch["labels"][:, 1:] != -100
+        keep = batch["labels"][:, 1:] != IGNORE_INDEX
         with mixed_adapters(model, [adapter] * keep.shape[0]):
             policy = lm_head(model)(hidden_states(model, batch["input_ids"], batch["attention_mask"])[:, :-1][keep])
         with adapters_disabled(model):
@@ -92,15 +95,6 @@ def kl_to_reference(model, tokenizer, prompts: list[list[dict]], answers: list[s
         total += float((logp.exp() * (logp - logq)).sum())
         count += int(keep.sum())
     return total / max(count, 1)
-
-
-def general_chat(n: int) -> list[Example]:
-    """General conversation (question -> answer) from chatterbot-corpus: the forgetting probe."""
-    from plugtune.tasks.topics import load_conversations
-
-    pairs = [(c[0], c[1]) for convs in load_conversations().values() for c in convs if len(c) >= 2]
-    pairs = list(dict.fromkeys(pairs))[:n]
-    return [Example(messages=[{"role": "user", "content": q}, {"role": "assistant", "content": a}]) for q, a in pairs]
 
 
 def _train(config: str, overrides: list[str], base: str | None) -> tuple[str, float]:

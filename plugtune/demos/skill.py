@@ -11,10 +11,10 @@ from pathlib import Path
 
 from plugtune.config import load_run_config
 from plugtune.data import load_examples
-from plugtune.tasks.skills.generate import SKILLS
 from plugtune.evaluation import exact_match
 from plugtune.inference.generate import GenerationConfig
 from plugtune.models.loading import load_base
+from plugtune.tasks.skills.generate import SKILLS
 from plugtune.training.run import train
 
 

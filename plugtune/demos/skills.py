@@ -20,21 +20,14 @@ from pathlib import Path
 
 from plugtune.config import load_run_config, validate_run_config
 from plugtune.data import load_examples
-from plugtune.tasks.skills.generate import SKILLS
 from plugtune.evaluation import exact_match
 from plugtune.inference.generate import GenerationConfig
 from plugtune.inference.language_model import LanguageModel
 from plugtune.inference.router import load_router, routing_report
 from plugtune.models.loading import load_base
+from plugtune.tasks.chat import general_chat_prompts
+from plugtune.tasks.skills.generate import SKILLS
 from plugtune.training.run import train
-
-
-def general_chat_prompts(n: int) -> list[str]:
-    """Out-of-skill questions: the first question of chatterbot-corpus conversations (offline)."""
-    from plugtune.tasks.topics import load_conversations
-
-    questions = [c[0] for convs in load_conversations().values() for c in convs]
-    return list(dict.fromkeys(questions))[:n]
 
 
 def run_skills_demo(skills: list[str], model: str | None = None, out: str = "runs/skills", steps: int | None = None,
