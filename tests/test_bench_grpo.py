@@ -27,7 +27,7 @@ def test_trl_reads_prompts_in_plugtune_rollout_order():
 
 def test_trl_reward_wrapper_scores_like_plugtune():
     from plugtune.data.preference import PromptItem
-    from plugtune.training.recipes.rollouts import instructions_reward
+    from plugtune.inference.verifiers import instructions_reward
 
     bench = load_bench("grpo_vs_trl")
     args = argparse.Namespace(prompts=bench.PROMPTS, prompts_per_step=2, warmup=1, steps=2)
@@ -46,10 +46,12 @@ def test_trl_reward_wrapper_scores_like_plugtune():
 def test_grpo_bench_on_tiny_model(tiny_model_dir, tmp_path):
     pytest.importorskip("trl")
     pytest.importorskip("datasets")
-    prompts = tmp_path / "prompts.jsonl"  # short prompts: the tiny tokenizer splits real ones into many tokens
-    prompts.write_text("".join(json.dumps({"prompt": p, "constraints": c, "id": f"p{i}"}) + "\n" for i, (p, c) in
-                               enumerate([("what is the date", [{"type": "lowercase", "kwargs": {}}]),
-                                          ("hello world", [{"type": "max_words", "kwargs": {"n": 3}}])])))
+    # Short prompts (the tiny tokenizer splits real ones into many tokens) whose reward does not depend on the
+    # sampled completion: any text has >= 0 words (reward 1), none of 4 tokens says "zzqx" (reward 0).
+    always, never = {"type": "min_words", "kwargs": {"n": 0}}, {"type": "keyword", "kwargs": {"word": "zzqx", "count": 1}}
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p, "constraints": [c], "id": f"p{i}"}) + "\n" for i, (p, c) in
+                               enumerate([("what is the date", always), ("hello world", never)])))
     out = tmp_path / "grpo.json"
     bench = load_bench("grpo_vs_trl")
     result = bench.main(["--model", str(tiny_model_dir), "--threads", "1", "--warmup", "1", "--steps", "1",
@@ -57,19 +59,19 @@ def test_grpo_bench_on_tiny_model(tiny_model_dir, tmp_path):
                          "--prompts", str(prompts), "--out", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     assert [r["engine"] for r in result["runs"]] == ["trl", "plugtune"]  # alternating, TRL first
+    # Each step's reward is its prompt's (plugtune's seeded order, which TRL reads sequentially); a group whose
+    # rewards are all equal has zero advantages, so the loss is 0 on both sides.
+    expected = [1.0 if i == 0 else 0.0 for i in bench.step_order(2)]
+    assert expected in ([1.0, 0.0], [0.0, 1.0])
     for run in result["runs"]:
         assert len(run["step_seconds"]) == 1 and run["s_per_step"] > 0 and run["peak_rss_mb"] > 100
-        assert len(run["losses"]) == len(run["rewards"]) == len(run["completion_tokens"]) == 2
-        assert all(0 <= r <= 1 for r in run["rewards"]) and all(1 <= n <= 4 for n in run["completion_tokens"])
-        assert run["completion_tokens_mean"] == run["completion_tokens"][1]  # the timed step only
-        assert run["generated_tokens_per_s"] == pytest.approx(run["completion_tokens_mean"] * 2 / run["s_per_step"])
+        assert run["rewards"] == expected and run["reward_mean"] == expected[1], run["engine"]  # timed: step 1
+        assert run["losses"] == pytest.approx([0.0, 0.0], abs=1e-9), run["engine"]
+        assert len(run["completion_tokens"]) == 2 and all(1 <= n <= 4 for n in run["completion_tokens"])
         assert 2 in run["stop_ids"]  # <|im_end|> ends a completion on both sides
     trl_run = result["runs"][0]
     assert (trl_run["generation_batch_size"], trl_run["steps_per_generation"]) == (2, 1)  # one generation per step
     assert trl_run["activation_checkpointing"] is False and trl_run["dtype"] == "torch.float32"
-    s = result["summary"]
-    assert s["speedup_steps_per_s"] == pytest.approx(s["trl"]["s_per_step"] / s["plugtune"]["s_per_step"])
-    assert s["peak_rss_ratio"] == pytest.approx(s["plugtune"]["peak_rss_mb"] / s["trl"]["peak_rss_mb"])
     settings = result["settings"]
     assert settings["prompts"]["identical"] is True  # plugtune's prompt ids == TRL's apply_chat_template
     assert settings["completions_per_step"] == 2 and settings["max_new_tokens"] == 4

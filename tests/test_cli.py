@@ -1,6 +1,8 @@
 """End to end on the tiny model: plugtune train -> generate -> eval, full fine-tuning and LoRA."""
+import copy
 import json
 import math
+import shutil
 import subprocess
 import sys
 
@@ -47,9 +49,20 @@ def test_train_generate_eval_with_lora(tmp_path, tiny_model_dir, data_file, caps
     raw = hf_greedy(reference, tok, "what is 3", 5, chat=False)
     assert capsys.readouterr().out.splitlines()[-1] == raw and raw.strip()
 
-    assert main(["generate", "--model", str(tiny_model_dir), "--prompt", "hi", "--max-new-tokens", "4",
-                 "--temperature", "0.8", "--top-p", "0.9", "--seed", "1"]) == 0
-    capsys.readouterr()
+    def sampled(*options):
+        assert main(["generate", "--model", str(tiny_model_dir), "--prompt", "hi", "--max-new-tokens", "8", "--raw",
+                     "--json", *options]) == 0
+        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])["output"]
+
+    from transformers import AutoModelForCausalLM
+
+    greedy = sampled()
+    assert greedy == hf_greedy(AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(), tok, "hi", 8, chat=False)
+    sample = lambda seed: sampled("--temperature", "0.8", "--top-p", "0.9", "--seed", str(seed))
+    first = sample(1)
+    assert first.strip() and sample(1) == first  # a seed fixes the sample
+    others = {sample(2), sample(3)}
+    assert others - {first} and (others | {first}) - {greedy}  # the seed matters, and sampling is not greedy
 
     assert main(["eval", "--model", str(tiny_model_dir), "--adapter", str(adapter), "--data", str(data_file),
                  "--exact-match", "--max-new-tokens", "3", "--limit", "8"]) == 0
@@ -121,15 +134,55 @@ def test_bad_inputs_give_one_clear_error(tmp_path, tiny_model_dir, data_file, ca
     assert "never downloads" in capsys.readouterr().err
 
 
-def test_console_script_is_installed():
-    out = subprocess.run([sys.executable, "-m", "plugtune.cli", "--help"], capture_output=True, text=True, check=True)
-    assert "train" in out.stdout and "demo" in out.stdout
+def test_console_script_is_installed(tiny_model_dir, capsys):
+    script = shutil.which("plugtune")
+    assert script, "the `plugtune` console script is not on PATH: pip install -e ."
+    help_text = subprocess.run([script, "--help"], capture_output=True, text=True, check=True).stdout
+    assert help_text.startswith("usage: plugtune ")
+    for command in ("train", "generate", "chat", "eval", "demo", "merge", "adapters", "serve", "compare"):
+        assert command in help_text
+    # A real command through the script gives what main() gives in this process.
+    args = ["generate", "--model", str(tiny_model_dir), "--prompt", "hi", "--max-new-tokens", "4", "--raw", "--json"]
+    run = subprocess.run([script, *args], capture_output=True, text=True, check=True)
+    assert main(args) == 0
+    assert json.loads(run.stdout.splitlines()[-1]) == json.loads(capsys.readouterr().out.splitlines()[-1])
+    # main()'s return value is the script's exit status: bad input is status 2 and one line on stderr.
+    bad = subprocess.run([script, "generate", "--model", "HuggingFaceTB/SmolLM2-1.7B", "--prompt", "hi"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.startswith("plugtune generate: error: ") and "never downloads" in bad.stderr
 
 
 def test_chat_keeps_the_conversation(tmp_path, tiny_model_dir, monkeypatch, capsys):
     import io
 
-    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n/reset\nwhat is 3\n/exit\n"))
+    import plugtune.api
+
+    seen, replies = [], []  # each turn's conversation as generate received it (copied: the command appends to
+    # it later), and what generate answered
+    load = plugtune.api.load
+
+    def spying_load(*args, **kwargs):
+        lm = load(*args, **kwargs)
+        generate = lm.generate
+
+        def spy(prompts, *rest, **kw):
+            seen.append(copy.deepcopy(prompts))
+            replies.append(generate(prompts, *rest, **kw)[0])
+            return [replies[-1]]
+
+        lm.generate = spy
+        return lm
+
+    monkeypatch.setattr(plugtune.api, "load", spying_load)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\nwhat is 3\n/reset\nwhat is 4\n/exit\n"))
     assert main(["chat", "--model", str(tiny_model_dir), "--max-new-tokens", "3", "--system", "be brief"]) == 0
-    replies = [l for l in capsys.readouterr().out.splitlines() if l.startswith("assistant> ")]
-    assert len(replies) == 2
+    printed = capsys.readouterr().out
+    system, user = {"role": "system", "content": "be brief"}, lambda c: {"role": "user", "content": c}
+    assert seen == [
+        [[system, user("hello")]],
+        # The second turn is given the first turn and the reply the user saw.
+        [[system, user("hello"), {"role": "assistant", "content": replies[0]}, user("what is 3")]],
+        [[system, user("what is 4")]],  # /reset keeps the system prompt only
+    ]
+    assert [f"assistant> {r}" in printed for r in replies] == [True] * 3
+    assert printed.count("assistant> ") == 3

@@ -10,8 +10,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from plugtune.compare.runner import (add_compare_parser, load_compare_config, perturb, run_compare,
-                              shipped_compare_configs)
+from plugtune.compare.config import load_compare_config, shipped_compare_configs
+from plugtune.compare.runner import add_compare_parser, perturb, run_compare
 from plugtune.config import ConfigError
 
 
@@ -114,22 +114,30 @@ def test_compare_end_to_end_on_the_tiny_model(tmp_path, tiny_model_dir, task):
         assert row["peak_memory_mb"] is None and row["memory_measured"] is False
         if "stages" not in row:  # SFT -> DPO: both stages' files, below
             assert row["checkpoint_bytes"] == dir_size(row["checkpoint"])
-        assert row["exact_match"] == row["correct"] / row["total"] and row["total"] == 4
-        assert row["trainable_pct"] == pytest.approx(100 * row["trainable_params"] / base_params)
+        assert row["total"] == 4
         metrics = [json.loads(line) for line in (Path(row["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
         assert row["loss_curve"] == [[m["step"], m["loss"]] for m in metrics if m["kind"] == "train"]
         assert not (Path(row["run_dir"]) / "checkpoints").exists()  # keep_checkpoints: false
 
     # trainable parameters, counted independently: the whole base; the saved adapter's tensors; a fresh attach
-    assert rows["full"]["trainable_params"] == base_params
+    assert rows["full"]["trainable_params"] == base_params and rows["full"]["trainable_pct"] == pytest.approx(100.0)
     for name, method, adapter in (("lora", "lora", {"r": 4, "alpha": 8}), ("prompt", "prompt_tuning",
                                                                            {"num_virtual_tokens": 4})):
         fresh = load_base(str(tiny_model_dir)).model
         attach_adapter(fresh, method, adapter)
         expected = sum(p.numel() for p in fresh.parameters() if p.requires_grad)
         assert rows[name]["trainable_params"] == expected == saved_numel(rows[name]["checkpoint"])
+        assert rows[name]["trainable_pct"] == pytest.approx(100 * expected / base_params)
         train_report = json.loads((Path(rows[name]["run_dir"]) / "train_report.json").read_text())
         assert rows[name]["train_seconds"] == train_report["train_seconds"] and rows[name]["steps"] == 2
+
+    # exact match recounted from transformers' (and PEFT's) own greedy answers to the first 4 test prompts
+    for row, model in ((report["base"], hf_model(tiny_model_dir)), (rows["lora"], hf_model(tiny_model_dir,
+                                                                                             rows["lora"]["checkpoint"]))):
+        answers = [hf_greedy(model, base.tokenizer, ex.prompt_messages(), 3) for ex in load_examples(task["test"])[:4]]
+        correct = sum(a.strip() == ex.reference for a, ex in zip(answers, load_examples(task["test"])[:4]))
+        assert (row["correct"], row["total"]) == (correct, 4) and row["exact_match"] == pytest.approx(correct / 4)
+        assert [s["generated"] for s in row["samples"]] == answers[:len(row["samples"])] and row["samples"]
 
     # held-out and retention losses recomputed from the saved adapter
     load_adapter(base.model, rows["lora"]["checkpoint"])
@@ -144,7 +152,7 @@ def test_compare_end_to_end_on_the_tiny_model(tmp_path, tiny_model_dir, task):
     dpo = rows["SFT → DPO"]
     stage = dpo["stages"]["dpo"]
     assert stage["trainable_params"] == saved_numel(stage["checkpoint"])
-    assert dpo["trainable_params"] == rows["lora"]["trainable_params"] + stage["trainable_params"]
+    assert dpo["trainable_params"] == saved_numel(rows["lora"]["checkpoint"]) + saved_numel(stage["checkpoint"])
     assert dpo["checkpoint_bytes"] == dir_size(rows["lora"]["checkpoint"]) + dir_size(stage["checkpoint"])
     pairs = [json.loads(line) for line in (Path(dpo["run_dir"]) / "pairs.jsonl").read_text().splitlines()]
     train = load_examples(task["train"])[:6]
@@ -165,6 +173,71 @@ def test_compare_end_to_end_on_the_tiny_model(tmp_path, tiny_model_dir, task):
         assert words in md
 
 
+def hf_model(model_dir, adapter=None):
+    """The base loaded by transformers, with the adapter loaded by PEFT: readers independent of plugtune."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
+    return model.eval()
+
+
+def hf_greedy(model, tok, messages, max_new_tokens: int) -> str:
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    enc = tok(text, add_special_tokens=False, return_tensors="pt")
+    stops = [tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops,
+                             pad_token_id=tok.pad_token_id)
+    return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def test_row_figures_from_a_fixed_run(tmp_path):
+    """A row's figures from a made-up run whose numbers are known: 10 steps of 4 x 2 examples in 5 s."""
+    from plugtune.compare.config import SFTThenDPOSpec
+    from plugtune.compare.report import dpo_row, method_row, sweep_point
+    from plugtune.config import load_run_config
+
+    run = load_run_config(None, ["training.batch_size=4", "training.grad_accum=2", "training.lr=0.01"])
+    artifact = tmp_path / "adapter"
+    artifact.mkdir()
+    (artifact / "a.safetensors").write_bytes(b"x" * 1000)
+    (artifact / "adapter_config.json").write_bytes(b"y" * 24)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text('{"kind": "train", "step": 1, "loss": 2.5}\n'
+                                           '{"kind": "eval", "step": 1, "eval_loss": 2.4}\n'
+                                           '{"kind": "train", "step": 2, "loss": 2.0}\n')
+    train = {"steps": 10, "trainable_params": 500, "train_seconds": 5.0, "tokens_per_second": 123.0,
+             "artifact": str(artifact), "data": "d"}
+    result = {"train": train, "memory": {"measured": True, "peak_mb": 300.0, "after_load_mb": 120.0},
+              "heldout_loss": 1.5, "exact_match": 0.75, "correct": 3, "total": 4, "retention_loss": 3.0,
+              "eval_seconds": 1.0, "samples": []}
+    row = method_row("lora", "peft", "lora", run, result, 20_000, run_dir)
+    assert {k: row[k] for k in ("steps", "trainable_params", "trainable_pct", "seconds_per_step",
+                                "examples_per_second", "tokens_per_second", "checkpoint_bytes", "peak_memory_mb",
+                                "memory_over_base_mb", "loss_curve")} == {
+        "steps": 10, "trainable_params": 500, "trainable_pct": 2.5, "seconds_per_step": 0.5,
+        "examples_per_second": 16.0, "tokens_per_second": 123.0, "checkpoint_bytes": 1024, "peak_memory_mb": 300.0,
+        "memory_over_base_mb": 180.0, "loss_curve": [[1, 2.5], [2, 2.0]]}
+    point = sweep_point("lora", 40, 100, row, reused=False)
+    assert (point["epochs"], point["all"], point["examples"]) == (2.0, False, 40)  # 10 x 4 x 2 = 80 examples of 40
+
+    # SFT -> DPO: a DPO stage of 250 parameters in 2 s on 600 completion tokens, after the SFT row above.
+    dpo_run = load_run_config(None, ["objective=dpo", "training.batch_size=3", "training.grad_accum=1"])
+    stage = {**result, "train": {**train, "steps": 4, "trainable_params": 250, "train_seconds": 2.0},
+             "memory": {"measured": True, "peak_mb": 250.0, "after_load_mb": 100.0},
+             "pairs": 6, "rejected_from_model": 2, "pairs_seconds": 0.5, "supervised_tokens": 600}
+    dpo = dpo_row(SFTThenDPOSpec(after="lora"), row, dpo_run, stage, 20_000, run_dir)
+    assert {k: dpo[k] for k in ("trainable_params", "trainable_pct", "train_seconds", "tokens_per_second",
+                                "checkpoint_bytes", "peak_memory_mb", "memory_over_base_mb")} == {
+        "trainable_params": 750, "trainable_pct": 3.75, "train_seconds": 7.5, "tokens_per_second": 300.0,
+        "checkpoint_bytes": 2048, "peak_memory_mb": 300.0, "memory_over_base_mb": 180.0}
+
+
 def test_isolated_runs_measure_their_own_peak_memory(tmp_path, tiny_model_dir, task):
     """isolate: true trains each main row in a worker process and reports its own peak."""
     cfg = tiny_config(tiny_model_dir, task, tmp_path / "out", isolate=True,
@@ -178,12 +251,23 @@ def test_isolated_runs_measure_their_own_peak_memory(tmp_path, tiny_model_dir, t
 
 
 def test_wall_clock_budget_sets_each_methods_steps(tmp_path, tiny_model_dir, task):
-    cfg = tiny_config(tiny_model_dir, task, tmp_path / "out", budget={"seconds": 0.5, "batch_size": 4},
+    """Every optimizer step made 0.4 s slower: a 1 s budget is 2 steps (a tiny-model step itself takes
+    milliseconds; up to 0.1 s of it still gives 2)."""
+    import time
+
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    cfg = tiny_config(tiny_model_dir, task, tmp_path / "out", budget={"seconds": 1.0, "batch_size": 4},
                       data_sweep={"sizes": [], "methods": []}, sft_then_dpo={"after": ""},
                       methods=[{"name": "lora", "method": "lora", "adapter": {"r": 4}}])
-    report = run_compare(load_compare_config(write(tmp_path, cfg)))
-    per_step = report["calibration_seconds_per_step"]["lora"]
-    assert report["rows"][0]["steps"] == max(1, int(0.5 / per_step))
+    slow = register_optimizer_step_pre_hook(lambda *_: time.sleep(0.4))
+    try:
+        report = run_compare(load_compare_config(write(tmp_path, cfg)))
+    finally:
+        slow.remove()
+    assert 0.4 <= report["calibration_seconds_per_step"]["lora"] < 0.5
+    row = report["rows"][0]
+    assert row["steps"] == 2 and [step for step, _ in row["loss_curve"]] == [1, 2]
 
 
 def test_config_errors_are_clear(tmp_path, tiny_model_dir, task):

@@ -135,7 +135,13 @@ def test_multitask_config_trains_saves_pool_and_router(tmp_path, tiny_model_dir)
     assert json.loads((pool / "units" / "adapter_config.json").read_text())["peft_type"] == "IA3"
     lm = plugtune.load(str(tiny_model_dir), adapter={"dates": pool / "dates", "units": pool / "units"},
                        router=pool / "router")
-    prompts = [ex.prompt_messages() for ex in load_examples("plugtune:skills/dates_test.jsonl")[:2]]
-    routed = lm.resolve(prompts, "auto")
-    assert all(r in ("dates", "units", None) for r in routed)
+    # The router was fitted on each adapter's first 16 training prompts (router.max_prompts): those, and
+    # held-out test prompts of the same skills, go to their own adapter. Deterministic: the features come
+    # from the fixed tiny base and the logistic regression is full-batch L-BFGS from zeros.
+    for skill in ("dates", "units"):
+        for split, n in (("train", 16), ("test", 8)):
+            prompts = [ex.prompt_messages() for ex in load_examples(f"plugtune:skills/{skill}_{split}.jsonl")[:n]]
+            assert lm.resolve(prompts, "auto") == [skill] * n, (skill, split)
+    prompts = [load_examples(f"plugtune:skills/{skill}_test.jsonl")[0].prompt_messages() for skill in ("dates", "units")]
+    assert lm.resolve(prompts, "auto") == ["dates", "units"]  # a mixed batch routes per row
     assert len(lm.generate(prompts, adapters="auto", cfg=plugtune.GenerationConfig(max_new_tokens=3))) == 2

@@ -6,18 +6,17 @@ import pytest
 import torch
 
 from plugtune.data import DataError, Tokenized
-from tests.references import micro_batch
 from plugtune.data.preference import (
-    PreferencePair, TokenizedPair, TokenizedUnpaired, UnpairedExample, collate_pairs, collate_unpaired,
-    load_preferences, load_prompts, micro_batch_pairs, micro_batch_unpaired, tokenize_pair, tokenize_preferences,
-    tokenize_unpaired,
+    PreferencePair, TokenizedPair, collate_pairs, load_preferences, load_prompts, tokenize_pair, tokenize_preferences,
 )
 from plugtune.data.templates import render
 from plugtune.data.tokenize import prompt_ids
+from tests.references import micro_batch, micro_batch_pairs
 
 torch.set_num_threads(1)
 DATA = Path(__file__).parent / "data" / "preference"
-BENCH = Path("/work/shared/bench-data/prefs.jsonl")
+# CI checks out the shared bench data beside the repository: ../shared/bench-data/.
+BENCH = Path(__file__).resolve().parents[1].parent / "shared" / "bench-data" / "prefs.jsonl"
 
 
 def user(text):
@@ -77,10 +76,7 @@ def test_implicit_split_matches_trl_extract_prompt():
     assert pair.prompt == [{"role": "system", "content": record["system"]}, *record["prompt"]]
 
 
-def test_unpaired_labels_and_margins(tmp_path):
-    a, b = load_preferences(DATA / "unpaired.jsonl")
-    assert a == UnpairedExample([user("what is the date")], [bot("May 1")], True, f"{DATA / 'unpaired.jsonl'}:1")
-    assert (b.prompt, b.completion, b.label) == ([user("convert date May 1")], [bot("the quick brown fox")], False)
+def test_margins_are_read_as_numbers(tmp_path):
     path = write(tmp_path, ['{"prompt": "a", "chosen": "b", "rejected": "c", "margin": 2}',
                             '{"prompt": "a", "chosen": "b", "rejected": "d", "margin": 0.5}'])
     assert [p.margin for p in load_preferences(path)] == [2.0, 0.5]
@@ -124,9 +120,9 @@ UNPAIRED = '{"prompt": "a", "completion": "b", "label": true}'
     ([IMPLICIT, json.dumps({"chosen": [user("q"), bot("a"), user("more"), bot("b")],
                             "rejected": [user("q"), bot("c")]})], r"data.jsonl:2: chosen\[1\] is a 'user' turn"),
     (['{"chosen": "b", "rejected": "c"}'], "data.jsonl:1: an implicit pair needs 'chosen' and 'rejected' as message"),
-    ([UNPAIRED, '{"prompt": "a", "completion": "b", "label": 1}'], "data.jsonl:2: field 'label' must be true or false"),
-    ([UNPAIRED, '{"prompt": "a", "completion": "b", "label": "yes"}'], "data.jsonl:2: field 'label' must be true"),
-    ([GOOD, UNPAIRED], "data.jsonl:2: this record is 'unpaired' but the file's first record is 'paired'"),
+    ([UNPAIRED], r"data.jsonl:1: unpaired \(KTO-style\) examples .* are not supported; give preference pairs "
+                 r"instead: 'prompt' \+ 'chosen' \+ 'rejected'"),
+    ([GOOD, UNPAIRED], r"data.jsonl:2: unpaired \(KTO-style\) examples"),
     ([GOOD, IMPLICIT], "data.jsonl:2: this record is 'implicit' but the file's first record is 'paired'"),
     (['{"question": "a"}'], "data.jsonl:1: cannot tell the preference format"),
     (['{"prompt": "a", "chosen": "b", "rejected": "c", "margin": "big"}'], "data.jsonl:1: field 'margin' must be"),
@@ -173,13 +169,6 @@ def test_template_that_renders_the_prompt_differently_is_refused():
     tok = build_tokenizer(chat_template=thinking)
     with pytest.raises(ValueError, match="x:3: the chat template renders the prompt differently"):
         tokenize_pair(tok, PreferencePair([user("hi")], [bot("yes")], [bot("no")], None, "x:3"))
-
-
-def test_unpaired_tokenisation(tokenizer):
-    ex = load_preferences(DATA / "unpaired.jsonl")[1]
-    tok = tokenize_unpaired(tokenizer, ex)
-    assert tok.label is False and tok.ids[:tok.prompt_len] == prompt_ids(tokenizer, ex.prompt)
-    assert runs(tokenizer, tok.ids, tok.labels) == ["the quick brown fox<|im_end|>"]
 
 
 def test_length_policy_keeps_prompt_tail_and_completion_start(tokenizer):
@@ -229,23 +218,24 @@ def test_collate_pairs_layout(tokenizer):
         collate_pairs([a, TokenizedPair([1], [1], [2], [2], 0)], pad)
 
 
-def test_collate_unpaired():
-    batch = collate_unpaired([TokenizedUnpaired([1, 2], [-100, 2], True, 1), TokenizedUnpaired([3], [3], False, 0)], 0)
-    assert batch["input_ids"].tolist() == [[1, 2], [3, 0]] and batch["label"].tolist() == [True, False]
+def test_pair_micro_batches_follow_the_sft_schedule_and_resume():
+    """DPO and reward-model batches (pair_source): micro-batch i holds the pairs SFT's schedule picks."""
+    from plugtune.config import load_run_config
+    from plugtune.training.recipes.common import pair_source
 
-
-def test_micro_batches_follow_the_sft_schedule_and_resume():
     pairs = [TokenizedPair([i, i + 1], [-100, i + 1], [i, i + 2, i + 3], [-100, i + 2, i + 3], 1) for i in range(10)]
     sft = [Tokenized(p.chosen_ids, p.chosen_labels) for p in pairs]
+    cfg = load_run_config(None, ["training.batch_size=2", "training.seed=3"])
     for index in (0, 3, 4, 9):  # 5 batches of 2 per epoch: indices 4 and 9 end epochs 0 and 1
-        batch = micro_batch_pairs(pairs, index, 2, seed=3, pad_id=0)
+        batch = pair_source(pairs, cfg, collate_pairs, 0).make_batch(index)
+        fresh = pair_source(pairs, cfg, collate_pairs, 0).make_batch(index)  # a resumed run: a new source
+        assert torch.equal(batch["input_ids"], fresh["input_ids"])
         assert torch.equal(batch["input_ids"], micro_batch_pairs(pairs, index, 2, seed=3, pad_id=0)["input_ids"])
         # Same pairs as SFT's micro_batch would take; rejected rows follow their chosen rows.
         assert torch.equal(batch["input_ids"][:2, :2], micro_batch(sft, index, 2, seed=3, pad_id=0)["input_ids"])
         assert torch.equal(batch["input_ids"][2:, 0], batch["input_ids"][:2, 0])
-    items = [TokenizedUnpaired([i], [i], i % 2 == 0) for i in range(6)]
-    batch = micro_batch_unpaired(items, 1, 4, seed=0, pad_id=0)
-    assert batch["label"].tolist() == [i % 2 == 0 for i in batch["input_ids"][:, 0].tolist()]
+    assert not torch.equal(pair_source(pairs, cfg, collate_pairs, 0).make_batch(0)["input_ids"],
+                           pair_source(pairs, cfg, collate_pairs, 0).make_batch(1)["input_ids"])
 
 
 def test_load_prompts_tokenises_like_generation_and_keeps_extra_fields(tokenizer):

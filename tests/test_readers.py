@@ -28,14 +28,12 @@ FORMATS = {
     "text": [{"text": "the quick brown fox"}, {"text": "line one\nline two, with a comma"}],
 }
 PREFERENCES = {
-    # A Parquet column holds one type: prompts are all lists here (all strings in "unpaired").
+    # A Parquet column holds one type: prompts are all lists here.
     "paired": [{"prompt": [u("hi")], "chosen": "hello", "rejected": "go away", "margin": 1.5},
                {"prompt": [u("what is 2"), a("2"), u("and 3")], "chosen": "3", "rejected": "4", "margin": 0.5}],
     "implicit": [{"chosen": [u("hi"), a("hello")], "rejected": [u("hi"), a("go away")]},
                  {"chosen": [s("be kind"), u("what is 2"), a("2")],
                   "rejected": [s("be kind"), u("what is 2"), a("5")]}],
-    "unpaired": [{"prompt": "hi", "completion": "hello", "label": True},
-                 {"prompt": "what is 2", "completion": "5", "label": False, "system": "be exact"}],
 }
 
 
@@ -150,7 +148,8 @@ def test_csv_columns_with_json_and_typed_preference_cells(tmp_path):
     assert records[0]["prompt"] == "[1, 2] is a list" and records[0]["margin"] == 2.0
     assert records[1]["prompt"] == [u("hi")]
     path.write_text("prompt,completion,label\nhi,hello,TRUE\nhi,bye,maybe\n")
-    with pytest.raises(DataError, match=r"p\.csv:3: field 'label' must be true or false, got 'maybe'"):
+    assert [r["label"] for _, r in read_records(path)] == [True, "maybe"]
+    with pytest.raises(DataError, match=r"p\.csv:2: unpaired \(KTO-style\) examples"):
         load_preferences(path)
 
 

@@ -1,13 +1,14 @@
-"""Preference data for reward models and the DPO family (pairs), KTO (unpaired, labelled
-desirable or not) and prompt-only records for RL rollouts.
+"""Preference pairs for reward models and the DPO family, and prompt-only records for RL rollouts.
 
     paired    {"prompt", "chosen", "rejected", "system"?, "margin"?}   prompt: str | turns ending on a user turn
     implicit  {"chosen": [turns], "rejected": [turns]}                 TRL's implicit prompt: the shared prefix
-    unpaired  {"prompt", "completion", "label": true|false}            KTO
     prompts   {"prompt", ...}                                          extra fields kept in PromptItem.meta
 
-A string prompt is one user turn and a string completion one assistant turn. Tokenisation is
-SFT's: prompt+completion is rendered as one conversation and only the completion's assistant
+Unpaired (KTO-style) records {"prompt", "completion", "label"} are refused with an error naming the
+record: no objective here trains on them.
+
+A string prompt is one user turn and a string `chosen` / `rejected` one assistant turn. Tokenisation
+is SFT's: prompt+completion is rendered as one conversation and only the completion's assistant
 turns (with their end-of-turn token) are labelled, so the prompt tokens are exactly
 `prompt_ids(tokenizer, prompt)`, what the model is given at generation time.
 """
@@ -19,12 +20,12 @@ from typing import Any
 
 import torch
 
-from plugtune.data.batching import collate, epoch_order
+from plugtune.data.batching import collate
 from plugtune.data.formats import _ROLES, DataError, _require_str, check_size, read_records
 from plugtune.data.templates import assistant_spans, ensure_chat_template, tokenize_segments
 from plugtune.data.tokenize import IGNORE_INDEX, Tokenized, TokenizeStats, prompt_ids
 
-PREFERENCE_FORMATS = ("paired", "implicit", "unpaired")
+PREFERENCE_FORMATS = ("paired", "implicit")
 Messages = list[dict[str, str]]
 
 
@@ -38,14 +39,6 @@ class PreferencePair:
 
 
 @dataclass
-class UnpairedExample:
-    prompt: Messages
-    completion: Messages
-    label: bool  # True: desirable, False: undesirable (KTO)
-    where: str = ""
-
-
-@dataclass
 class TokenizedPair:
     chosen_ids: list[int]
     chosen_labels: list[int]  # IGNORE_INDEX except on the chosen completion's assistant tokens
@@ -56,17 +49,10 @@ class TokenizedPair:
 
 
 @dataclass
-class TokenizedUnpaired:
-    ids: list[int]
-    labels: list[int]
-    label: bool
-    prompt_len: int = 0  # lets KTO's KL estimate splice prompt i onto completion j without re-tokenising
-
-
-@dataclass
 class PromptItem:
     prompt_ids: list[int]
     meta: dict[str, Any] = field(default_factory=dict)
+    messages: Messages = field(default_factory=list)  # the prompt as turns (system turn included)
 
 
 # ---------------------------------------------------------------- reading
@@ -75,11 +61,18 @@ class PromptItem:
 def detect_preference_format(record: Any) -> str | None:
     if not isinstance(record, dict):
         return None
-    if "label" in record and "completion" in record:
-        return "unpaired"
     if "chosen" in record and "rejected" in record:
         return "paired" if "prompt" in record else "implicit"
     return None
+
+
+def _refuse_unpaired(record: dict, where: str) -> None:
+    # A KTO dataset (one completion labelled desirable or not) looks like an SFT record plus a label;
+    # without this it would fail as "missing field 'chosen'", which hides what is wrong.
+    if "completion" in record and "label" in record and not ("chosen" in record and "rejected" in record):
+        raise DataError(f"{where}: unpaired (KTO-style) examples ('prompt', 'completion', 'label') are not "
+                        "supported; give preference pairs instead: 'prompt' + 'chosen' + 'rejected' (or "
+                        "'chosen' + 'rejected' conversations that share their prompt turns)")
 
 
 def _turns(value: Any, where: str, name: str) -> Messages:
@@ -172,19 +165,10 @@ def _margin(record: dict, where: str) -> float | None:
     return float(value)
 
 
-def parse_preference(record: Any, fmt: str, where: str) -> PreferencePair | UnpairedExample:
+def parse_preference(record: Any, fmt: str, where: str) -> PreferencePair:
     if not isinstance(record, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
-    if fmt == "unpaired":
-        prompt = _with_system(record, _field(record, "prompt", where, "user"), where)
-        completion = _field(record, "completion", where, "assistant")
-        if "label" not in record:
-            raise DataError(f"{where}: missing field 'label' (true for a desirable completion, false otherwise)")
-        if not isinstance(record["label"], bool):
-            raise DataError(f"{where}: field 'label' must be true or false, got {record['label']!r}")
-        _check_prompt(prompt, where)
-        _check_completion(completion, where, "completion")
-        return UnpairedExample(prompt, completion, record["label"], where)
+    _refuse_unpaired(record, where)
     if fmt == "paired":
         prompt = _field(record, "prompt", where, "user")
         chosen = _field(record, "chosen", where, "assistant")
@@ -207,10 +191,9 @@ def parse_preference(record: Any, fmt: str, where: str) -> PreferencePair | Unpa
     return PreferencePair(_with_system(record, prompt, where), chosen, rejected, _margin(record, where), where)
 
 
-def load_preferences(path: str | Path, fmt: str = "auto",
-                     split: str | None = None) -> list[PreferencePair] | list[UnpairedExample]:
-    """Pairs (paired / implicit files) or unpaired examples; one format per file. Any file readers.py
-    reads (JSONL, JSON, CSV, Parquet, a saved `datasets` dataset)."""
+def load_preferences(path: str | Path, fmt: str = "auto", split: str | None = None) -> list[PreferencePair]:
+    """Preference pairs; one format (paired or implicit) per file. Any file readers.py reads (JSONL, JSON,
+    CSV, Parquet, a saved `datasets` dataset)."""
     records = read_records(path, split)
     if not records:
         raise DataError(f"{path}: no records (the file is empty)")
@@ -219,10 +202,11 @@ def load_preferences(path: str | Path, fmt: str = "auto",
         where, first = records[0]
         fmt = detect_preference_format(first) or ""
         if not fmt:
+            if isinstance(first, dict):
+                _refuse_unpaired(first, where)
             keys = sorted(first) if isinstance(first, dict) else type(first).__name__
             raise DataError(f"{where}: cannot tell the preference format from {keys}; expected "
-                            "'prompt'+'chosen'+'rejected', 'chosen'+'rejected' (implicit prompt) or "
-                            "'prompt'+'completion'+'label'")
+                            "'prompt'+'chosen'+'rejected' or 'chosen'+'rejected' (implicit prompt)")
     out = []
     for where, record in records:
         found = detect_preference_format(record)
@@ -231,7 +215,7 @@ def load_preferences(path: str | Path, fmt: str = "auto",
                             "use one format per file")
         out.append(parse_preference(record, fmt, where))
     # A margin on some pairs only would silently train the others with margin 0.
-    with_margin = [isinstance(x, PreferencePair) and x.margin is not None for x in out]
+    with_margin = [x.margin is not None for x in out]
     if any(with_margin) and not all(with_margin):
         where = out[with_margin.index(False)].where
         raise DataError(f"{where}: missing field 'margin'; other pairs in the file have one, give it to all or none")
@@ -248,7 +232,7 @@ def load_prompts(path: str | Path, tokenizer) -> list[PromptItem]:
         prompt = _with_system(record, _field(record, "prompt", where, "user"), where)
         _check_prompt(prompt, where)
         meta = {k: v for k, v in record.items() if k not in ("prompt", "system")}
-        items.append(PromptItem(prompt_ids(tokenizer, prompt), meta))
+        items.append(PromptItem(prompt_ids(tokenizer, prompt), meta, prompt))
     if not items:
         raise DataError(f"{path}: no records (the file is empty)")
     return items
@@ -280,11 +264,6 @@ def tokenize_pair(tokenizer, pair: PreferencePair) -> TokenizedPair:
     return TokenizedPair(c_ids, c_labels, r_ids, r_labels, n, pair.margin)
 
 
-def tokenize_unpaired(tokenizer, example: UnpairedExample) -> TokenizedUnpaired:
-    ids, labels, n = tokenize_conversation(tokenizer, example.prompt, example.completion, example.where)
-    return TokenizedUnpaired(ids, labels, example.label, n)
-
-
 def _fit(ids: list[int], labels: list[int], prompt_len: int, max_length: int,
          max_prompt_length: int | None) -> tuple[list[int], list[int], int]:
     """TRL's policy: the prompt loses its start (the latest turns and the assistant header are what the
@@ -293,24 +272,20 @@ def _fit(ids: list[int], labels: list[int], prompt_len: int, max_length: int,
     return ids[cut:][:max_length], labels[cut:][:max_length], prompt_len - cut
 
 
-def tokenize_preferences(tokenizer, items: list[PreferencePair] | list[UnpairedExample], max_length: int,
+def tokenize_preferences(tokenizer, items: list[PreferencePair], max_length: int,
                          max_prompt_length: int | None = None, overflow: str = "truncate",
-                         ) -> tuple[list[TokenizedPair] | list[TokenizedUnpaired], TokenizeStats]:
+                         ) -> tuple[list[TokenizedPair], TokenizeStats]:
     """Tokenise with a length policy. overflow="truncate": prompts over max_prompt_length keep their last
-    tokens, sequences over max_length lose the completion's end; "drop": either case drops the item.
-    An item left with no completion tokens in a sequence (the prompt fills max_length) is dropped."""
+    tokens, sequences over max_length lose the completion's end; "drop": either case drops the pair.
+    A pair left with no completion tokens in one of its sequences (the prompt fills max_length) is dropped."""
     if overflow not in ("truncate", "drop"):
         raise ValueError(f"overflow must be 'truncate' or 'drop', got {overflow!r}")
     stats = TokenizeStats(examples=len(items))
-    out: list = []
+    out: list[TokenizedPair] = []
     identical = 0
     for item in items:
-        if isinstance(item, PreferencePair):
-            tok = tokenize_pair(tokenizer, item)
-            seqs = [(tok.chosen_ids, tok.chosen_labels), (tok.rejected_ids, tok.rejected_labels)]
-        else:
-            tok = tokenize_unpaired(tokenizer, item)
-            seqs = [(tok.ids, tok.labels)]
+        tok = tokenize_pair(tokenizer, item)
+        seqs = [(tok.chosen_ids, tok.chosen_labels), (tok.rejected_ids, tok.rejected_labels)]
         longest = max(len(ids) for ids, _ in seqs)
         stats.max_tokens = max(stats.max_tokens, longest)
         too_long = longest > max_length or (max_prompt_length is not None and tok.prompt_len > max_prompt_length)
@@ -323,19 +298,14 @@ def tokenize_preferences(tokenizer, items: list[PreferencePair] | list[UnpairedE
         if min(counts) == 0:
             stats.dropped_no_labels += 1
             continue
-        if isinstance(tok, TokenizedPair):
-            (c_ids, c_labels, n), (r_ids, r_labels, _) = fitted
-            if c_ids == r_ids:  # truncation cut away every difference: zero preference signal
-                identical += 1
-                stats.dropped_no_labels += 1
-                continue
-            tok = TokenizedPair(c_ids, c_labels, r_ids, r_labels, n, tok.margin)
-        else:
-            (ids, labels, n), = fitted
-            tok = TokenizedUnpaired(ids, labels, tok.label, n)
+        (c_ids, c_labels, n), (r_ids, r_labels, _) = fitted
+        if c_ids == r_ids:  # truncation cut away every difference: zero preference signal
+            identical += 1
+            stats.dropped_no_labels += 1
+            continue
         stats.truncated += int(too_long)
         stats.supervised_tokens += sum(counts)
-        out.append(tok)
+        out.append(TokenizedPair(c_ids, c_labels, r_ids, r_labels, n, tok.margin))
     if identical:
         stats.notes.append(f"{identical} pairs dropped: chosen and rejected identical after truncation")
     stats.kept = len(out)
@@ -357,30 +327,3 @@ def collate_pairs(items: list[TokenizedPair], pad_id: int) -> dict[str, torch.Te
             raise ValueError("some pairs in the batch have a margin and some do not")
         batch["margin"] = torch.tensor(margins, dtype=torch.float32)  # (B,)
     return batch
-
-
-def collate_unpaired(items: list[TokenizedUnpaired], pad_id: int) -> dict[str, torch.Tensor]:
-    """input_ids, attention_mask, labels (B, T) and `label` (B,) bool: desirable or not."""
-    batch = collate([Tokenized(it.ids, it.labels) for it in items], pad_id)
-    batch["label"] = torch.tensor([it.label for it in items], dtype=torch.bool)
-    return batch
-
-
-def _batch_indices(n: int, index: int, batch_size: int, seed: int) -> list[int]:
-    # Same schedule as batching.micro_batch: endless shuffled epochs, drop-last, order from (seed, epoch).
-    per_epoch = max(1, n // batch_size)
-    epoch, within = divmod(index, per_epoch)
-    order = epoch_order(n, seed, epoch)
-    chosen = order[within * batch_size:(within + 1) * batch_size]
-    return chosen if len(chosen) == batch_size else order[:batch_size]
-
-
-def micro_batch_pairs(items: list[TokenizedPair], index: int, batch_size: int, seed: int,
-                      pad_id: int) -> dict[str, torch.Tensor]:
-    """The `index`-th micro-batch of `batch_size` pairs (2 * batch_size rows); resumable from `index`."""
-    return collate_pairs([items[i] for i in _batch_indices(len(items), index, batch_size, seed)], pad_id)
-
-
-def micro_batch_unpaired(items: list[TokenizedUnpaired], index: int, batch_size: int, seed: int,
-                         pad_id: int) -> dict[str, torch.Tensor]:
-    return collate_unpaired([items[i] for i in _batch_indices(len(items), index, batch_size, seed)], pad_id)
