@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 
 def _add_model_args(p: argparse.ArgumentParser, pool: bool = True) -> None:
@@ -79,11 +80,37 @@ def _gen_config(args):
 
 def cmd_train(args) -> None:
     from plugtune.config import load_run_config
+    from plugtune.training.pipeline import is_pipeline, run_pipeline
     from plugtune.training.run import train
 
+    if is_pipeline(args.config):  # a YAML with `stages:`
+        report = run_pipeline(args.config, args.overrides)
+        print((Path(report.out_dir) / "pipeline_summary.md").read_text())
+        return
     cfg = load_run_config(args.config, args.overrides)
     report = train(cfg)
     print(json.dumps({k: v for k, v in vars(report).items()}, indent=2))
+
+
+def cmd_sample(args) -> None:
+    from dataclasses import asdict
+
+    from plugtune.adapters import load_adapter
+    from plugtune.inference.rejection_sampling import SampleConfig, sample_and_verify
+    from plugtune.models.loading import load_base
+    from plugtune.training.engine.speed import set_threads
+
+    cfg = SampleConfig(prompts=args.prompts, k=args.k, max_new_tokens=args.max_new_tokens,
+                       temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                       verifier=args.verifier, pass_score=args.pass_score, min_margin=args.min_margin,
+                       pairs=not args.no_pairs, repair=args.repair, limit=args.limit, batch_size=args.batch_size)
+    cfg.check()  # before the model loads
+    set_threads(args.threads)
+    loaded = load_base(args.model, args.dtype, args.device)
+    if args.adapter:
+        load_adapter(loaded.model, args.adapter, "policy")
+    report = sample_and_verify(loaded.model, loaded.tokenizer, cfg, args.out, adapter="policy" if args.adapter else None)
+    print(json.dumps({**asdict(report), "pass_rate": round(report.pass_rate, 4)}, indent=2))
 
 
 def cmd_generate(args) -> None:
@@ -124,7 +151,31 @@ def cmd_chat(args) -> None:
         print(f"assistant{who}> {reply}", flush=True)
 
 
+def cmd_eval_instructions(args) -> None:
+    """`plugtune eval --instructions [test|unseen|FILE]`: greedy answers scored as IFEval does."""
+    from plugtune.evaluation import evaluate_instructions, format_instruction_scores
+    from plugtune.tasks.instructions.prompts import load_records
+
+    records = load_records(args.instructions)
+    records = records[: args.limit] if args.limit else records
+    lm, per_row = _load_pool(args)
+    result = evaluate_instructions(lm, records, per_row, max_new_tokens=args.max_new_tokens)
+    adapter = "auto" if per_row else ",".join(lm.active) or "base"
+    print(f"instructions: {args.instructions}; model {args.model}; adapter {adapter}; greedy, "
+          f"{args.max_new_tokens} new tokens")
+    print(format_instruction_scores(result))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"instructions": str(args.instructions), "model": args.model,
+                                              "adapter": adapter, **result}, indent=2, ensure_ascii=False))
+
+
 def cmd_eval(args) -> None:
+    if args.instructions:
+        cmd_eval_instructions(args)
+        return
+    if not args.data:
+        raise ValueError("give --data FILE (or --instructions [test|unseen|FILE.jsonl])")
     if args.reward_model:  # the data are preference pairs; report the reward model's pairwise accuracy
         from plugtune.evaluation import evaluate_reward_model
 
@@ -199,10 +250,37 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="plugtune", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train from a YAML config (full fine-tuning or an adapter)")
+    p = sub.add_parser("train", help="train from a YAML config (full fine-tuning or an adapter), or run a pipeline "
+                                     "of stages (a YAML with `stages:`)")
     p.add_argument("config", help="YAML file, or the name of a shipped config (demo_lora, lora_sft, full_finetune)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. training.lr=1e-4 adapter.r=16")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sample", help="rejection sampling: k answers per prompt from a model (or adapter), scored by "
+                                      "a verifier; writes SFT data (best passing) and preference pairs (best vs worst)")
+    p.add_argument("--model", default="smollm2-135m", help="built-in name or local model directory")
+    p.add_argument("--adapter", default="", help="sample from this adapter (a directory); default: the base")
+    p.add_argument("--prompts", required=True, help="prompt records: JSONL with 'prompt' (+ the verifier's fields)")
+    p.add_argument("--out", required=True, help="directory for sft.jsonl, pairs.jsonl, samples.jsonl, summary.json")
+    p.add_argument("--k", type=int, default=4, help="answers per prompt")
+    p.add_argument("--verifier", default="instructions",
+                   help="instructions | package.module:function | reward_model:DIR")
+    p.add_argument("--pass-score", type=float, default=1.0, help="an answer passes when its score is at least this")
+    p.add_argument("--min-margin", type=float, default=0.1, help="a pair needs best - worst >= this")
+    p.add_argument("--repair", action="store_true", help="instruction prompts: repair failing answers into "
+                   "compliant SFT examples (kept only if the checker passes them)")
+    p.add_argument("--no-pairs", action="store_true", help="write no preference pairs (allows --k 1)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=int, default=0, help="first N prompts only")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts per generation batch (each with its k samples)")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("generate", help="generate replies to prompts")
     _add_model_args(p)
@@ -219,10 +297,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None, help="system prompt")
     p.set_defaults(func=cmd_chat)
 
-    p = sub.add_parser("eval", help="loss/perplexity on a dataset, optionally exact-match accuracy")
+    p = sub.add_parser("eval", help="loss/perplexity on a dataset, optionally exact-match accuracy; or instruction "
+                                    "following (--instructions)")
     _add_model_args(p)
     _add_gen_args(p)
-    p.add_argument("--data", required=True, help="JSONL/JSON file (or plugtune:skills/<skill>_test.jsonl)")
+    p.add_argument("--data", default=None, help="JSONL/JSON file (or plugtune:skills/<skill>_test.jsonl)")
+    p.add_argument("--instructions", nargs="?", const="test", default=None, metavar="test|unseen|FILE.jsonl",
+                   help="instead of --data: greedy answers to verifiable-instruction prompts (the shipped held-out "
+                        "'test' split, the 'unseen' constraint types, or a JSONL of records), scored as IFEval does: "
+                        "prompt/instruction-level strict and loose accuracy and per constraint type")
+    p.add_argument("--out", default=None, help="--instructions: write the result (scores, answers) to this JSON file")
     p.add_argument("--format", default="auto")
     p.add_argument("--limit", type=int, default=0)
     p.add_argument("--max-length", type=int, default=512)

@@ -1,5 +1,6 @@
-"""Evaluation: loss/perplexity on a dataset, exact-match accuracy of generated answers, and a reward
-model's pairwise accuracy on preference pairs (`plugtune eval --reward-model`)."""
+"""Evaluation: loss/perplexity on a dataset, exact-match accuracy of generated answers, a reward
+model's pairwise accuracy on preference pairs (`plugtune eval --reward-model`), and instruction
+following on verifiable-instruction prompts (`plugtune eval --instructions`: IFEval's four scores)."""
 from __future__ import annotations
 
 import math
@@ -13,7 +14,9 @@ from plugtune.data import Example, tokenize_dataset
 from plugtune.data.batching import collate
 from plugtune.data.preference import load_preferences
 from plugtune.inference.generate import GenerationConfig, generate
+from plugtune.inference.language_model import LanguageModel
 from plugtune.inference.reward_model import load_reward_model, pairwise_accuracy, read_meta
+from plugtune.tasks.instructions.scores import ifeval_scores, paired_bootstrap
 from plugtune.training.compute.next_token import CausalLMObjective
 from plugtune.training.engine.loop import evaluate_loss
 
@@ -90,3 +93,42 @@ def evaluate_reward_model(path: str | Path, data: str | Path, base: str | None =
     model = base if read_meta(path)["adapter"] else None
     scorer = load_reward_model(path, model, dtype=dtype, device=device, force=force)
     return {"data": str(data), "reward_model": str(path), **pairwise_accuracy(scorer, pairs, max_length)}
+
+
+def evaluate_instructions(lm: LanguageModel, records: list[dict], adapters: str | list[str | None] | None = None,
+                          batch_size: int = 32, max_new_tokens: int = 64, baseline: dict | None = None) -> dict:
+    """Greedy answers to verifiable-instruction records (prompts.py: "prompt" + "constraints"), scored
+    as IFEval does: `ifeval_scores` (prompt/instruction x strict/loose, per type, per-prompt passes)
+    plus "responses", "ids" and "seconds". `adapters` as in `LanguageModel.generate` (None: the active
+    adapters; a name; one per record; "auto"). `baseline`: the result of another policy on the same
+    records; adds "gain" and "gain_loose", the paired-bootstrap gain in points with its 95% interval."""
+    if not records:
+        raise ValueError("no instruction records to evaluate")
+    ids = [r.get("id", i) for i, r in enumerate(records)]
+    if baseline is not None and (baseline["n_prompts"] != len(records) or baseline.get("ids", ids) != ids):
+        raise ValueError(f"the baseline was scored on other records ({baseline['n_prompts']} prompts, here "
+                         f"{len(records)}): a paired gain needs the same prompts in the same order")
+    t0 = time.perf_counter()
+    prompts = [[{"role": "user", "content": r["prompt"]}] for r in records]
+    responses = lm.generate(prompts, adapters, GenerationConfig(max_new_tokens=max_new_tokens), batch_size=batch_size)
+    result = {**ifeval_scores(records, responses), "responses": responses, "ids": ids,
+              "seconds": time.perf_counter() - t0}
+    if baseline is not None:
+        result["gain"] = paired_bootstrap(baseline["passed_strict"], result["passed_strict"])
+        result["gain_loose"] = paired_bootstrap(baseline["passed_loose"], result["passed_loose"])
+    return result
+
+
+def format_instruction_scores(result: dict) -> str:
+    """The four IFEval numbers, the gain over a baseline if any, and the per-type table."""
+    lines = [f"prompts: {result['n_prompts']}",
+             f"prompt-level strict {result['prompt_strict']:.1%}   loose {result['prompt_loose']:.1%}",
+             f"instruction-level strict {result['instruction_strict']:.1%}   loose {result['instruction_loose']:.1%}"]
+    if "gain" in result:
+        g = result["gain"]
+        lines.append(f"gain over the baseline (prompt strict): {g['gain']:+.1f} points, 95% CI "
+                     f"[{g['low']:+.1f}, {g['high']:+.1f}] (paired bootstrap, n={g['n']})")
+    width = max(len(t) for t in result["by_type"])
+    lines += ["", f"{'type':<{width}}  strict   loose     n"]
+    lines += [f"{t:<{width}}  {v['strict']:6.1%}  {v['loose']:6.1%}  {v['n']:4d}" for t, v in result["by_type"].items()]
+    return "\n".join(lines)

@@ -2,9 +2,26 @@
 import pytest
 
 from plugtune.config import ConfigError, load_run_config, shipped_configs
+from plugtune.training.pipeline import is_pipeline, load_pipeline
+
+RUNS = [n for n in shipped_configs() if not is_pipeline(n)]
+PIPELINES = [n for n in shipped_configs() if is_pipeline(n)]
 
 
-@pytest.mark.parametrize("name", shipped_configs())
+@pytest.mark.parametrize("name", PIPELINES)
+def test_every_shipped_pipeline_checks(name):
+    """Every shipped pipeline parses: each stage's sections validate and its references are to earlier stages."""
+    from plugtune.data.formats import read_records
+
+    _, stages, _ = load_pipeline(name)
+    assert [s.kind for s in stages] and all(s.kind in ("sample", "sft", "reward", "dpo", "ppo", "grpo") for s in stages)
+    for s in stages:
+        prompts = (s.raw.get("sample") or {}).get("prompts") or s.raw.get("data", {}).get("train", "")
+        if prompts and not prompts.startswith("@"):
+            assert read_records(prompts)
+
+
+@pytest.mark.parametrize("name", RUNS)
 def test_every_shipped_config_loads(name):
     """Every shipped config parses, its adapter settings are valid, and its data files read."""
     from plugtune.adapters.registry import get_method

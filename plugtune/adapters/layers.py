@@ -280,6 +280,20 @@ def adapters_disabled(model: nn.Module):
             layer.disabled = flag
 
 
+@contextlib.contextmanager
+def adapters_only(model: nn.Module, names: list[str] | str | None):
+    """Only `names` active for the duration (None: the base), each layer's previous active list
+    restored after: e.g. a frozen copy of the previous stage's adapter as the reference policy."""
+    layers = [layer for _, layer in adapter_layers(model)]
+    before = [list(layer.active_adapters) for layer in layers]
+    set_active_adapters(model, names)
+    try:
+        yield model
+    finally:
+        for layer, active in zip(layers, before):
+            layer.active_adapters = active
+
+
 def mark_trainable(model: nn.Module, names: str | list[str]) -> int:
     """Freeze everything, then unfreeze adapter(s) `names`. Returns the trainable parameter count."""
     for p in model.parameters():

@@ -15,7 +15,7 @@ import yaml
 from plugtune.adapters.registry import get_method
 from plugtune.config import (RunConfig, TrainingConfig, apply_overrides, resolve_config_path,
                              validate_run_config)
-from plugtune.schema import ConfigError, from_dict
+from plugtune.schema import ConfigError, from_dict, read_yaml_mapping
 
 _BUDGET_KEYS = ("max_steps", "epochs", "batch_size", "grad_accum")  # shared by all methods: set in `budget`
 
@@ -132,12 +132,7 @@ def load_compare_config(path: str | Path | None = None, overrides: list[str] | N
     if path is not None:
         file = resolve_compare_config(path)
         where = str(file)
-        try:
-            raw = yaml.safe_load(file.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{file}: not valid YAML: {exc}") from exc
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{file}: the top level must be a mapping")
+        raw = read_yaml_mapping(file)
     overrides = list(overrides or [])
     raw = apply_overrides(raw, [o for o in overrides if o.split("=", 1)[0].strip() == "base"])
     if isinstance(raw.get("base"), str):

@@ -1,15 +1,21 @@
-"""The instruction-following demo: does alignment teach the default model to follow verifiable
-instructions ("use exactly 3 bullet points", "answer in lowercase", ...)?
+"""The instruction-following demo: does the published recipe (SFT on verified demonstrations, then
+preference tuning, with RL as an option) teach the default model to follow verifiable instructions
+("use exactly 3 bullet points", "answer in lowercase", ...)?
 
     plugtune demo --align
 
-1. strict compliance of the base model on held-out prompts (tasks/instructions/checkers.py checkers, greedy);
-2. on-policy pairs: k sampled answers per training prompt, the checker picks chosen and rejected;
-3. three aligned adapters on the same base, each through the one training loop:
-   DPO on those pairs; GRPO with the checker as reward; PPO with a reward model trained on the pairs;
-4. held-out compliance of all three in one mixed batch (each row its own adapter), the KL of each
-   to the reference (the base) on its own answers, and forgetting: the change in loss on general chat
-   (chatterbot-corpus conversations) against the base.
+One pipeline (training/pipeline.py, the shipped config `align_pipeline`):
+1. sample: k answers per training prompt from the base, scored by the instruction checkers; the best
+   passing answer, or a failing one repaired into compliance and checked again, is a demonstration;
+2. sft: LoRA on those demonstrations;
+3. resample: k answers per prompt from the SFT adapter; best vs worst by the checker are pairs;
+4. dpo: continues the SFT adapter on those pairs, the SFT adapter (frozen copy) as reference;
+5. grpo: from the SFT adapter too, the checker as reward, the SFT adapter as reference.
+
+Then every policy (base, sft, dpo, grpo) answers the held-out prompts (whole topics never seen in
+training) and the prompts of constraint types never trained on, greedily, in mixed batches. Reported:
+IFEval's four numbers, per-type compliance, the gain over the base with a 95% paired-bootstrap
+interval, KL to each stage's reference, forgetting (loss on general chat against the base), time.
 """
 from __future__ import annotations
 
@@ -20,9 +26,9 @@ from pathlib import Path
 
 import torch
 
-from plugtune.adapters.layers import adapters_disabled
+from plugtune.adapters.layers import adapters_disabled, adapters_only
 from plugtune.adapters.mixed import mixed_adapters
-from plugtune.config import load_run_config
+from plugtune.config import resolve_config_path
 from plugtune.data import Example, collate, tokenize_dataset
 from plugtune.data.tokenize import IGNORE_INDEX
 from plugtune.evaluation import loss_and_perplexity
@@ -31,56 +37,32 @@ from plugtune.inference.language_model import LanguageModel
 from plugtune.models.causal_lm import hidden_states, lm_head
 from plugtune.models.loading import load_base
 from plugtune.tasks.chat import general_chat
-from plugtune.tasks.instructions.checkers import compliance_reward, strict_accuracy
 from plugtune.tasks.instructions.prompts import load_records
-from plugtune.training.run import train
+from plugtune.tasks.instructions.scores import ifeval_scores, paired_bootstrap
+from plugtune.training.pipeline import run_pipeline
 
-METHODS = ("dpo", "grpo", "ppo")
+POLICIES = ("sft", "dpo", "grpo")  # the pipeline's policy stages, evaluated against the base
+REFERENCE = {"sft": None, "dpo": "sft", "grpo": "sft"}  # each stage's reference policy (None: the base)
 
 
 @dataclass
 class AlignDemoSettings:
-    n_eval: int = 64  # held-out prompts scored for strict compliance
-    n_sample_prompts: int = 64  # training prompts sampled for on-policy pairs
-    samples: int = 4  # answers sampled per prompt (the checker picks chosen and rejected among them)
-    min_gap: float = 0.1  # a pair needs this much more (shaped) reward for chosen than for rejected
-    max_new_tokens: int = 48
-    temperature: float = 1.0
-    dpo_steps: int = 16
-    dpo_lr: float = 1e-3
-    rpo_alpha: float = 1.0  # DPO + the chosen answer's NLL (RPO): learns the compliant formats faster
-    reward_steps: int = 12
-    grpo_steps: int = 12
-    ppo_steps: int = 12
+    config: str = "align_pipeline"  # the shipped pipeline config (or a path)
+    max_new_tokens: int = 64  # greedy answers to the held-out prompts
+    batch_size: int = 64  # rows per mixed generation batch
     n_chat: int = 64  # general-chat conversations for the forgetting measure
+    threads: int = 0  # 0: the pipeline's training.threads
 
 
 def _messages(record: dict) -> list[dict]:
     return [{"role": "user", "content": record["prompt"]}]
 
 
-def on_policy_pairs(lm: LanguageModel, records: list[dict], s: AlignDemoSettings) -> list[dict]:
-    """k sampled answers per prompt; chosen = the best by the checker's shaped reward, rejected = the
-    worst, kept when the checker prefers chosen by at least `min_gap` (compliant beats non-compliant
-    by 0.5 or more; among non-compliant answers the graded credit decides)."""
-    prompts = [_messages(r) for r in records for _ in range(s.samples)]
-    gen = GenerationConfig(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=0.95, seed=0)
-    answers = lm.generate(prompts, None, gen, batch_size=64)
-    rewards = compliance_reward([r for r in records for _ in range(s.samples)], answers)
-    pairs = []
-    for i, record in enumerate(records):
-        group = list(zip(rewards[i * s.samples:(i + 1) * s.samples], answers[i * s.samples:(i + 1) * s.samples]))
-        best, worst = max(group, key=lambda x: x[0]), min(group, key=lambda x: x[0])
-        if best[0] >= worst[0] + s.min_gap and best[1] != worst[1]:
-            pairs.append({"prompt": _messages(record), "chosen": [{"role": "assistant", "content": best[1]}],
-                          "rejected": [{"role": "assistant", "content": worst[1]}]})
-    return pairs
-
-
 @torch.no_grad()
-def kl_to_reference(model, tokenizer, prompts: list[list[dict]], answers: list[str], adapter: str) -> float:
+def kl_to_reference(model, tokenizer, prompts: list[list[dict]], answers: list[str], adapter: str,
+                    reference: str | None) -> float:
     """Mean per-token KL(policy || reference), exact over the vocabulary, at the positions of the
-    policy's own answers (the reference: the base, adapters off)."""
+    policy's own answers; the reference is another adapter on the same base, or the base (None)."""
     examples = [Example(messages=[*p, {"role": "assistant", "content": a}]) for p, a in zip(prompts, answers)]
     items, _ = tokenize_dataset(tokenizer, examples, 512)
     total, count = 0.0, 0
@@ -89,7 +71,7 @@ def kl_to_reference(model, tokenizer, prompts: list[list[dict]], answers: list[s
         keep = batch["labels"][:, 1:] != IGNORE_INDEX
         with mixed_adapters(model, [adapter] * keep.shape[0]):
             policy = lm_head(model)(hidden_states(model, batch["input_ids"], batch["attention_mask"])[:, :-1][keep])
-        with adapters_disabled(model):
+        with adapters_only(model, reference) if reference else adapters_disabled(model):
             ref = lm_head(model)(hidden_states(model, batch["input_ids"], batch["attention_mask"])[:, :-1][keep])
         logp, logq = policy.float().log_softmax(-1), ref.float().log_softmax(-1)
         total += float((logp.exp() * (logp - logq)).sum())
@@ -97,93 +79,97 @@ def kl_to_reference(model, tokenizer, prompts: list[list[dict]], answers: list[s
     return total / max(count, 1)
 
 
-def _train(config: str, overrides: list[str], base: str | None) -> tuple[str, float]:
-    cfg = load_run_config(config, overrides + ([f"model.name={base}"] if base else []))
-    t0 = time.perf_counter()
-    report = train(cfg)
-    return report.artifact, time.perf_counter() - t0
-
-
 def run_align_demo(model: str | None = None, out: str = "runs/align", settings: AlignDemoSettings | None = None) -> dict:
     s = settings or AlignDemoSettings()
     out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    t_start, times = time.perf_counter(), {}
+    t_start = time.perf_counter()
+    overrides = [f"output.dir={out_dir / 'pipeline'}"] + ([f"model.name={model}"] if model else [])
+    if s.threads:
+        overrides.append(f"training.threads={s.threads}")
+    pipe = run_pipeline(resolve_config_path(s.config), overrides)
+    stages = {r.name: r for r in pipe.stages}
+
+    t0 = time.perf_counter()
     lm = LanguageModel(load_base(model or "smollm2-135m"))
-    held_out = load_records("test")[: s.n_eval]
-    train_records = load_records("train")
-    eval_prompts = [_messages(r) for r in held_out]
+    for name in POLICIES:
+        lm.add_adapter(name, stages[name].artifact)
+    splits = {"held_out": load_records("test"), "unseen_types": load_records("unseen")}
     greedy = GenerationConfig(max_new_tokens=s.max_new_tokens)
-
-    t0 = time.perf_counter()
-    base_answers = lm.generate(eval_prompts, None, greedy, batch_size=64)
-    before = strict_accuracy(held_out, base_answers)
-    times["base_eval"] = time.perf_counter() - t0
-    print(f"[align] base model: {before:.1%} strict compliance on {len(held_out)} held-out prompts")
-
-    t0 = time.perf_counter()
-    pairs = on_policy_pairs(lm, train_records[: s.n_sample_prompts], s)
-    pairs_file = out_dir / "on_policy_pairs.jsonl"
-    pairs_file.write_text("".join(json.dumps(p) + "\n" for p in pairs))
-    times["sampling"] = time.perf_counter() - t0
-    print(f"[align] {len(pairs)} on-policy pairs from {s.n_sample_prompts} prompts x {s.samples} samples")
-    if len(pairs) < 4:
-        raise RuntimeError(f"only {len(pairs)} on-policy pairs: the checker could not tell the samples apart")
-
-    base = model
-    common = ["training.progress=false", "output.resume=never", f"rollout.max_new_tokens={s.max_new_tokens}"]
-    artifacts = {}
-    artifacts["dpo"], times["dpo"] = _train("dpo", common + [
-        f"data.train={pairs_file}", "data.eval=", f"output.dir={out_dir / 'dpo'}", f"training.max_steps={s.dpo_steps}",
-        "adapter.r=16", "adapter.alpha=32", f"training.lr={s.dpo_lr}", "training.warmup_steps=2",
-        "training.eval_every=0", "dpo.precompute_ref=true", f"dpo.rpo_alpha={s.rpo_alpha}"], base)
-    reward_dir, times["reward_model"] = _train("reward", common + [
-        f"data.train={pairs_file}", "data.eval=", f"output.dir={out_dir / 'reward'}",
-        f"training.max_steps={s.reward_steps}", "training.eval_every=0", "training.warmup_steps=2",
-        "training.lr=5e-4"], base)
-    artifacts["grpo"], times["grpo"] = _train("grpo", common + [
-        f"output.dir={out_dir / 'grpo'}", f"training.max_steps={s.grpo_steps}"], base)
-    artifacts["ppo"], times["ppo"] = _train("ppo", common + [
-        f"output.dir={out_dir / 'ppo'}", f"training.max_steps={s.ppo_steps}", f"rollout.reward_model={reward_dir}"],
-        base)
-
-    t0 = time.perf_counter()
-    for name in METHODS:
-        lm.add_adapter(name, artifacts[name])
-    names = [m for m in METHODS for _ in held_out]
-    answers = lm.generate(eval_prompts * len(METHODS), names, greedy, batch_size=64)  # one mixed batch per 64 rows
-    by_method = {m: answers[k * len(held_out):(k + 1) * len(held_out)] for k, m in enumerate(METHODS)}
-    times["aligned_eval"] = time.perf_counter() - t0
+    answers: dict[str, dict[str, list[str]]] = {}
+    for split, records in splits.items():  # one mixed batch stream: every policy's rows decode together
+        prompts = [_messages(r) for r in records]
+        names = [p for p in (None, *POLICIES) for _ in records]
+        out_rows = lm.generate(prompts * (1 + len(POLICIES)), names, greedy, batch_size=s.batch_size)
+        answers[split] = {p or "base": out_rows[k * len(records):(k + 1) * len(records)]
+                          for k, p in enumerate((None, *POLICIES))}
+    eval_seconds = time.perf_counter() - t0
 
     chat = general_chat(s.n_chat)
-    chat_before = loss_and_perplexity(lm.model, lm.tokenizer, chat)["loss"]
-    rows = {"base": {"compliance": before, "kl_to_base": 0.0, "chat_loss": chat_before, "chat_loss_change": 0.0}}
-    for m in METHODS:
-        chat_loss = loss_and_perplexity(lm.model, lm.tokenizer, chat, adapter_names=[m] * len(chat))["loss"]
-        rows[m] = {"compliance": strict_accuracy(held_out, by_method[m]),
-                   "kl_to_base": kl_to_reference(lm.model, lm.tokenizer, eval_prompts, by_method[m], m),
-                   "chat_loss": chat_loss, "chat_loss_change": chat_loss - chat_before}
-    result = {"model": model or "smollm2-135m", "settings": asdict(s), "held_out_prompts": len(held_out),
-              "on_policy_pairs": len(pairs), "results": rows, "seconds": times,
-              "total_seconds": time.perf_counter() - t_start,
-              "samples": [{"prompt": r["prompt"], "base": base_answers[i], **{m: by_method[m][i] for m in METHODS}}
-                          for i, r in enumerate(held_out[:3])]}
+    chat_base = loss_and_perplexity(lm.model, lm.tokenizer, chat)["loss"]
+    rows = {}
+    for policy in ("base", *POLICIES):
+        row = {split: ifeval_scores(splits[split], answers[split][policy]) for split in splits}
+        chat_loss = chat_base if policy == "base" else loss_and_perplexity(
+            lm.model, lm.tokenizer, chat, adapter_names=[policy] * len(chat))["loss"]
+        row["forgetting"] = chat_loss - chat_base
+        if policy != "base":
+            held = splits["held_out"]
+            row["kl_to_reference"] = kl_to_reference(lm.model, lm.tokenizer, [_messages(r) for r in held],
+                                                     answers["held_out"][policy], policy, REFERENCE[policy])
+            row["reference"] = REFERENCE[policy] or "base"
+            row["gain"] = {split: paired_bootstrap(rows["base"][split]["passed_strict"], row[split]["passed_strict"])
+                           for split in splits}
+            row["seconds"] = stages[policy].seconds
+        rows[policy] = row
+    result = {"model": model or "smollm2-135m", "settings": asdict(s), "pipeline": asdict(pipe),
+              "prompts": {split: len(r) for split, r in splits.items()}, "results": _compact(rows),
+              "eval_seconds": round(eval_seconds, 1), "total_seconds": round(time.perf_counter() - t_start, 1),
+              "samples": [{"prompt": r["prompt"], **{p: answers["held_out"][p][i] for p in ("base", *POLICIES)}}
+                          for i, r in enumerate(splits["held_out"][:3])]}
+    out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "align_report.json").write_text(json.dumps(result, indent=2))
-    print(format_align_table(result))
+    table = format_align_table(result)
+    (out_dir / "align_report.md").write_text(table + "\n")
+    print(table)
     return result
 
 
+def _compact(rows: dict) -> dict:
+    """The per-prompt pass lists stay out of the report; the scores and intervals stay in."""
+    out = {}
+    for policy, row in rows.items():
+        out[policy] = {k: ({kk: vv for kk, vv in v.items() if not kk.startswith("passed_")} if isinstance(v, dict)
+                           and "prompt_strict" in v else v) for k, v in row.items()}
+    return out
+
+
 def format_align_table(r: dict) -> str:
-    lines = [f"\n== plugtune demo --align: {r['model']}, {r['held_out_prompts']} held-out verifiable-instruction "
-             f"prompts (strict, greedy) ==",
-             f"{'':<6} {'compliance':>11} {'change':>8} {'KL to base':>11} {'chat loss':>10} {'forgetting':>11}"]
-    base = r["results"]["base"]["compliance"]
-    for name, row in r["results"].items():
-        lines.append(f"{name:<6} {row['compliance']:>11.1%} {100 * (row['compliance'] - base):>+7.1f}p "
-                     f"{row['kl_to_base']:>11.4f} {row['chat_loss']:>10.3f} {row['chat_loss_change']:>+11.3f}")
-    t = r["seconds"]
-    lines.append(f"{r['on_policy_pairs']} on-policy pairs; time: " + ", ".join(f"{k} {v:.0f} s" for k, v in t.items())
-                 + f"; total {r['total_seconds']:.0f} s")
-    lines.append("KL: mean per-token KL(policy || base) over the vocabulary at the policy's own held-out answers; "
-                 "forgetting: change in loss per token on general chat (chatterbot-corpus) against the base.")
+    res = r["results"]
+    n = r["prompts"]
+    lines = [f"== plugtune demo --align: {r['model']}; {n['held_out']} held-out prompts (topics never trained on), "
+             f"{n['unseen_types']} prompts of constraint types never trained on; greedy ==", "",
+             "| policy | prompt strict | prompt loose | instr. strict | instr. loose | gain (95% CI), points | "
+             "unseen types: prompt strict | KL to ref | forgetting (nats/token) | stage time |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for policy, row in res.items():
+        h, u = row["held_out"], row["unseen_types"]
+        gain = row.get("gain", {}).get("held_out")
+        gain_text = f"{gain['gain']:+.1f} [{gain['low']:+.1f}, {gain['high']:+.1f}]" if gain else ""
+        kl = f"{row['kl_to_reference']:.3f} (to {row['reference']})" if "kl_to_reference" in row else ""
+        secs = f"{row['seconds']:.0f} s" if "seconds" in row else ""
+        lines.append(f"| {policy} | {h['prompt_strict']:.1%} | {h['prompt_loose']:.1%} | {h['instruction_strict']:.1%} | "
+                     f"{h['instruction_loose']:.1%} | {gain_text} | {u['prompt_strict']:.1%} | {kl} | "
+                     f"{row['forgetting']:+.3f} | {secs} |")
+    types = sorted(res["base"]["held_out"]["by_type"])
+    lines += ["", "| type (held out, strict) | " + " | ".join(res) + " |", "|---|" + "---|" * len(res)]
+    for t in types:
+        lines.append(f"| {t} | " + " | ".join(f"{res[p]['held_out']['by_type'][t]['strict']:.0%}" for p in res) + " |")
+    utypes = sorted(res["base"]["unseen_types"]["by_type"])
+    for t in utypes:
+        lines.append(f"| {t} (never trained) | "
+                     + " | ".join(f"{res[p]['unseen_types']['by_type'][t]['strict']:.0%}" for p in res) + " |")
+    stage_times = ", ".join(f"{s['name']} {s['seconds']:.0f} s" for s in r["pipeline"]["stages"])
+    lines += ["", f"pipeline: {stage_times}; evaluation {r['eval_seconds']:.0f} s; total {r['total_seconds']:.0f} s",
+              "KL: mean per-token KL(policy || its reference) over the vocabulary at the policy's own held-out answers; "
+              "forgetting: change in loss per token on general chat (chatterbot-corpus) against the base."]
     return "\n".join(lines)

@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from plugtune.adapters import registry
-from plugtune.schema import ConfigError, from_dict, to_dict  # noqa: F401  (re-exported)
+from plugtune.schema import ConfigError, from_dict, read_yaml_mapping, to_dict  # noqa: F401  (re-exported)
 from plugtune.training.engine.settings import TrainingConfig
 from plugtune.training.recipes import RECIPES, multitask
 from plugtune.training.recipes.dpo import DPOConfig
@@ -41,6 +41,9 @@ class ModelConfig:
     name: str = "smollm2-135m"  # a built-in short name or a local Hugging Face model directory
     dtype: str = "auto"  # auto (fp32 on CPU, fp32 weights + bf16 autocast on CUDA) | float32 | bfloat16
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # Start from this saved adapter and continue training it (a pipeline stage after SFT); DPO, PPO and
+    # GRPO then take a frozen copy of it as the reference policy. "" = a fresh adapter.
+    adapter: str = ""
 
 
 @dataclass
@@ -113,12 +116,7 @@ def load_run_config(path: str | Path | None = None, overrides: list[str] | None 
     data: dict[str, Any] = {}
     if path is not None:
         path = resolve_config_path(path)
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        data = read_yaml_mapping(path)
     data = apply_overrides(data, overrides or [])
     cfg = from_dict(RunConfig, data, where=str(path) if path else "config")
     validate_run_config(cfg)
@@ -144,6 +142,9 @@ def validate_run_config(cfg: RunConfig) -> None:
             raise ConfigError("method=full trains every parameter: remove the 'adapter' section")
         if cfg.method != "full":
             registry.get_method(cfg.method).parse_config(cfg.adapter)  # raises on unknown keys
+        if cfg.model.adapter and cfg.method == "full":
+            raise ConfigError("model.adapter continues a saved adapter; method=full trains a whole model: point "
+                              "model.name at the previous model directory instead")
     for key in ("packing", "group_by_length"):
         if getattr(cfg.data, key) not in (True, False, "auto"):
             raise ConfigError(f"data.{key}={getattr(cfg.data, key)!r} is not one of auto, true, false")

@@ -1,17 +1,22 @@
 """The verifiable-instruction prompts: everyday requests (a topic, a kind of request) with one or two
-constraints of the types checkers.py checks, as RL prompt records (JSONL, one per line):
+constraints of the types checkers.py checks (IFEval's instruction ids and kwargs), as RL prompt records
+(JSONL, one per line):
 
-    {"prompt": "<user message>", "constraints": [{"type": "lowercase", "kwargs": {}}, ...],
+    {"prompt": "<user message>", "constraints": [{"type": "change_case:english_lowercase", "kwargs": {}}, ...],
      "id": "train-0000", "topic": "drinking water"}
 
-Used by the alignment demo: strict compliance before/after, DPO pairs picked by the checker, the
-checker as GRPO's reward.
+Used by the alignment demo and pipeline: compliance before/after, demonstrations and DPO pairs picked by
+the checker, the checker as GRPO's reward.
 
-The split holds out whole topics: no test topic (nor therefore any test prompt) occurs in training.
-Constraint types and their parameter pools are shared, so the test measures compliance on new
-requests, not on unseen kinds of constraints.
+Three splits:
+- train (640): 64 topics x 10 prompts over the nine training types (TYPES);
+- test (256): the other 16 topics, held out whole (no test topic, nor therefore any test prompt, occurs
+  in training), 16 prompts each, every training type asked for; it measures compliance on new requests;
+- unseen (64): the test topics again, one prompt per topic for each of four types that never occur in
+  training (UNSEEN_TYPES): does what was learnt carry over to kinds of constraints never trained on
+  (the question of IFBench, Pyatkin et al. 2025)?
 
-    python -m plugtune.tasks.instructions.prompts     # rewrite plugtune/tasks/instructions/{train,test}.jsonl
+    python -m plugtune.tasks.instructions.prompts     # rewrite plugtune/tasks/instructions/{train,test,unseen}.jsonl
 """
 from __future__ import annotations
 
@@ -19,9 +24,13 @@ import json
 import random
 from pathlib import Path
 
+from plugtune.tasks.instructions.checkers import (BULLETS, END_CHECKER, FORBIDDEN_WORDS, HIGHLIGHTS, JSON_FORMAT,
+                                                  KEYWORD_FREQUENCY, LOWERCASE, NO_COMMA, NUMBER_WORDS, POSTSCRIPT,
+                                                  QUOTATION, TITLE, UPPERCASE)
+from plugtune.data.readers import DataError, read_records, resolve_data_path
 from plugtune.tasks.skills.generate import dump_jsonl
 
-INSTRUCTIONS_DIR = Path(__file__).parent  # train.jsonl / test.jsonl beside this module
+INSTRUCTIONS_DIR = Path(__file__).parent  # train.jsonl / test.jsonl / unseen.jsonl beside this module
 
 
 # (topic as a gerund phrase, a word of it for the keyword constraint)
@@ -64,84 +73,115 @@ REQUESTS = [
     "In a few sentences, explain how to get started with {t}.", "Describe a common mistake people make when {t}.",
 ]
 
-# type -> phrasings; {n}, {keys}, {phrase}, {word}, {count} are filled from the kwargs.
+# type -> phrasings (NUMBER_WORDS: per relation); the {fields} are filled from the kwargs.
 PHRASINGS = {
-    "bullets": ['Answer with exactly {n} bullet points, each line starting with "* ".',
-                'Use exactly {n} markdown bullet points such as "* point".',
-                "Format your answer as exactly {n} bullet points."],
-    "lowercase": ["Answer in all lowercase letters.",
-                  "Write your entire answer in lowercase letters; no capital letters are allowed.",
-                  "Use only lowercase letters in your reply."],
-    "uppercase": ["Answer in all capital letters.",
-                  "Write your entire answer in uppercase letters.",
-                  "Use only CAPITAL letters in your reply."],
-    "max_words": ["Answer in fewer than {n} words.", "Keep your answer under {n} words.", "Use fewer than {n} words."],
-    "min_words": ["Answer with at least {n} words.", "Write at least {n} words.",
-                  "Your answer must be at least {n} words long."],
-    "json_keys": ["Reply only with a JSON object with {keys}.",
+    BULLETS: ['Answer with exactly {num_bullets} bullet points, each line starting with "* ".',
+              'Use exactly {num_bullets} markdown bullet points such as "* point".',
+              "Format your answer as exactly {num_bullets} bullet points."],
+    LOWERCASE: ["Answer in all lowercase letters.",
+                "Write your entire answer in lowercase letters; no capital letters are allowed.",
+                "Use only lowercase letters in your reply."],
+    UPPERCASE: ["Answer in all capital letters.",
+                "Write your entire answer in uppercase letters.",
+                "Use only CAPITAL letters in your reply."],
+    NUMBER_WORDS: {"less than": ["Answer in fewer than {num_words} words.", "Keep your answer under {num_words} words.",
+                                 "Use fewer than {num_words} words."],
+                   "at least": ["Answer with at least {num_words} words.", "Write at least {num_words} words.",
+                                "Your answer must be at least {num_words} words long."]},
+    JSON_FORMAT: ["Reply only with a JSON object with {keys}.",
                   "Format your entire answer as JSON with {keys}.",
                   "Wrap your whole answer in JSON: an object with {keys}."],
-    "ends_with": ['End your answer with the exact phrase "{phrase}" and nothing after it.',
-                  'Finish your reply with the exact phrase "{phrase}" with no other words after it.'],
-    "keyword": ['Use the word "{word}" at least {count} times.',
-                'Mention the word "{word}" at least {count} times in your answer.'],
-    "no_commas": ["Do not use any commas in your answer.", "Your reply must not contain any commas.",
-                  "Avoid commas entirely."],
-    "title": ["Give your answer a title wrapped in double angular brackets, such as <<my title>>.",
-              "Include a title in double angular brackets, like <<title>>."],
+    END_CHECKER: ['End your answer with the exact phrase "{end_phrase}" and nothing after it.',
+                  'Finish your reply with the exact phrase "{end_phrase}" with no other words after it.'],
+    KEYWORD_FREQUENCY: ['Use the word "{keyword}" at least {frequency} times.',
+                        'Mention the word "{keyword}" at least {frequency} times in your answer.'],
+    NO_COMMA: ["Do not use any commas in your answer.", "Your reply must not contain any commas.",
+               "Avoid commas entirely."],
+    TITLE: ["Give your answer a title wrapped in double angular brackets, such as <<my title>>.",
+            "Include a title in double angular brackets, like <<title>>."],
+    # Held out: never in training.
+    POSTSCRIPT: ["At the end of your response, add a postscript starting with {postscript_marker}",
+                 'After your answer, add a short postscript that starts with "{postscript_marker}".'],
+    QUOTATION: ["Wrap your entire response with double quotation marks.",
+                "Put your whole answer inside double quotation marks."],
+    FORBIDDEN_WORDS: ["Do not use the words {forbidden} anywhere in your answer.",
+                      "Avoid the words {forbidden} in your reply."],
+    HIGHLIGHTS: ["Highlight at least {num_highlights} sections of your answer with markdown, i.e. *highlighted section*.",
+                 "Use markdown to highlight at least {num_highlights} phrases, like *this one*."],
 }
-TYPES = list(PHRASINGS)
+TYPES = [BULLETS, LOWERCASE, UPPERCASE, NUMBER_WORDS, JSON_FORMAT, END_CHECKER, KEYWORD_FREQUENCY, NO_COMMA, TITLE]
+UNSEEN_TYPES = [POSTSCRIPT, QUOTATION, FORBIDDEN_WORDS, HIGHLIGHTS]  # never in the train split
 _JSON_KEYS = [["answer"], ["topic", "tip"], ["title", "summary"], ["reason", "example"]]
 _END_PHRASES = ["Any other questions?", "Hope this helps!", "That is all.", "Thank you for reading."]
-# Pairs never combined. JSON must be the whole answer, so it goes alone. Uppercase text costs ~2x
-# the tokens (30 words: 57 SmolLM2 tokens vs 34), so it never also asks for a minimum length.
-_CONFLICTS = {frozenset(("lowercase", "uppercase")), frozenset(("max_words", "min_words")),
-              frozenset(("uppercase", "min_words"))}
+_COMMON_WORDS = ["also", "very", "important", "good", "great", "really", "help", "easy"]  # forbidden-word pool
 SECOND_CONSTRAINT_RATE = 0.3  # IFEval mixes single and multi-constraint prompts; most stay single
 
 
 def _kwargs(kind: str, keyword: str, rng: random.Random) -> dict:
     # Small numbers on purpose: answers must stay short (<= 64 new tokens) and learnable by 135M.
-    if kind == "bullets":
-        return {"n": rng.choice([2, 3, 4])}
-    if kind == "max_words":
-        return {"n": rng.choice([15, 20, 30])}
-    if kind == "min_words":
-        return {"n": rng.choice([20, 25, 30])}
-    if kind == "json_keys":
+    if kind == BULLETS:
+        return {"num_bullets": rng.choice([2, 3, 4])}
+    if kind == NUMBER_WORDS:
+        relation = rng.choice(["less than", "at least"])
+        return {"relation": relation, "num_words": rng.choice([15, 20, 30] if relation == "less than" else [20, 25, 30])}
+    if kind == JSON_FORMAT:
         return {"keys": list(rng.choice(_JSON_KEYS))}
-    if kind == "ends_with":
-        return {"phrase": rng.choice(_END_PHRASES)}
-    if kind == "keyword":
-        return {"word": keyword, "count": rng.choice([2, 3])}
+    if kind == END_CHECKER:
+        return {"end_phrase": rng.choice(_END_PHRASES)}
+    if kind == KEYWORD_FREQUENCY:
+        return {"keyword": keyword, "frequency": rng.choice([2, 3]), "relation": "at least"}
+    if kind == POSTSCRIPT:
+        return {"postscript_marker": "P.S."}
+    if kind == FORBIDDEN_WORDS:
+        return {"forbidden_words": sorted(rng.sample(_COMMON_WORDS, 2))}
+    if kind == HIGHLIGHTS:
+        return {"num_highlights": rng.choice([2, 3])}
     return {}
 
 
 def _phrase(kind: str, kwargs: dict, rng: random.Random) -> str:
     fill = dict(kwargs)
-    if kind == "json_keys":
+    if kind == JSON_FORMAT:
         names = " and ".join(f'"{k}"' for k in kwargs["keys"])
         fill["keys"] = f"the key{'s' if len(kwargs['keys']) > 1 else ''} {names}"
-    return rng.choice(PHRASINGS[kind]).format(**fill)
+    if kind == FORBIDDEN_WORDS:
+        fill["forbidden"] = " or ".join(f'"{w}"' for w in kwargs["forbidden_words"])
+    options = PHRASINGS[kind][kwargs["relation"]] if kind == NUMBER_WORDS else PHRASINGS[kind]
+    return rng.choice(options).format(**fill)
 
 
-def _second_type(first: str, rng: random.Random) -> str | None:
-    if first == "json_keys" or rng.random() >= SECOND_CONSTRAINT_RATE:
+def _clash(a: dict, b: dict) -> bool:
+    """Pairs never combined: both cases; uppercase with a minimum length (uppercase text costs ~2x the
+    tokens: 30 words are 57 SmolLM2 tokens vs 34). JSON must be the whole answer, so it goes alone."""
+    kinds = {a["type"], b["type"]}
+    if kinds == {LOWERCASE, UPPERCASE} or JSON_FORMAT in kinds:
+        return True
+    words = a if a["type"] == NUMBER_WORDS else b if b["type"] == NUMBER_WORDS else None
+    return UPPERCASE in kinds and words is not None and words["kwargs"]["relation"] == "at least"
+
+
+def _second(first: dict, keyword: str, rng: random.Random) -> dict | None:
+    if first["type"] == JSON_FORMAT or rng.random() >= SECOND_CONSTRAINT_RATE:
         return None
-    options = [t for t in TYPES if t not in (first, "json_keys") and frozenset((first, t)) not in _CONFLICTS]
-    return rng.choice(options)
+    while True:
+        kind = rng.choice([t for t in TYPES if t not in (first["type"], JSON_FORMAT)])
+        second = {"type": kind, "kwargs": _kwargs(kind, keyword, rng)}
+        if not _clash(first, second):
+            return second
 
 
-def _records(topics: list[tuple[str, str]], per_topic: int, split: str, rng: random.Random) -> list[dict]:
+def _records(topics: list[tuple[str, str]], per_topic: int, split: str, rng: random.Random, types: list[str],
+             combine: bool = True) -> list[dict]:
     rows: list[dict] = []
     seen: set[str] = set()
     for ti, (topic, keyword) in enumerate(topics):
         made = 0
         while made < per_topic:
             # Primary types cycle so every type is equally frequent in each split.
-            first = TYPES[(ti * per_topic + made) % len(TYPES)]
-            kinds = [first] + [t for t in [_second_type(first, rng)] if t]
-            constraints = [{"type": k, "kwargs": _kwargs(k, keyword, rng)} for k in kinds]
+            kind = types[(ti * per_topic + made) % len(types)]
+            constraints = [{"type": kind, "kwargs": _kwargs(kind, keyword, rng)}]
+            second = _second(constraints[0], keyword, rng) if combine else None
+            constraints += [second] if second else []
             prompt = " ".join([rng.choice(REQUESTS).format(t=topic)]
                               + [_phrase(c["type"], c["kwargs"], rng) for c in constraints])
             if prompt in seen:
@@ -153,33 +193,63 @@ def _records(topics: list[tuple[str, str]], per_topic: int, split: str, rng: ran
     return rows
 
 
-def build_split(seed: int = 1234, train_per_topic: int = 10, test_per_topic: int = 8) -> tuple[list[dict], list[dict]]:
-    """(train, test): N_TEST_TOPICS topics are held out whole for the test split."""
-    rng = random.Random(f"instructions-{seed}")
+def _shuffled_topics(rng: random.Random) -> list[tuple[str, str]]:
     topics = list(TOPICS)
     rng.shuffle(topics)
-    test = _records(topics[:N_TEST_TOPICS], test_per_topic, "test", rng)
-    train = _records(topics[N_TEST_TOPICS:], train_per_topic, "train", rng)
+    return topics
+
+
+def build_split(seed: int = 1234, train_per_topic: int = 10, test_per_topic: int = 16) -> tuple[list[dict], list[dict]]:
+    """(train, test): N_TEST_TOPICS topics are held out whole for the test split."""
+    rng = random.Random(f"instructions-{seed}")
+    topics = _shuffled_topics(rng)
+    test = _records(topics[:N_TEST_TOPICS], test_per_topic, "test", rng, TYPES)
+    train = _records(topics[N_TEST_TOPICS:], train_per_topic, "train", rng, TYPES)
     return train, test
 
 
+def build_unseen(seed: int = 1234, per_topic: int = 4) -> list[dict]:
+    """Prompts of the UNSEEN_TYPES on the test topics, one constraint each (so a pass is that type's)."""
+    topics = _shuffled_topics(random.Random(f"instructions-{seed}"))[:N_TEST_TOPICS]
+    return _records(topics, per_topic, "unseen", random.Random(f"instructions-unseen-{seed}"), UNSEEN_TYPES,
+                    combine=False)
+
+
+SPLITS = ("train", "test", "unseen")
+
+
+def split_path(split: str) -> Path:
+    if split not in SPLITS:
+        raise ValueError(f"unknown instruction split {split!r} (known: {', '.join(SPLITS)})")
+    return INSTRUCTIONS_DIR / f"{split}.jsonl"
+
+
 def split_files() -> tuple[Path, Path]:
-    return INSTRUCTIONS_DIR / "train.jsonl", INSTRUCTIONS_DIR / "test.jsonl"
+    return split_path("train"), split_path("test")
 
 
-def load_records(split: str) -> list[dict]:
-    """The shipped records of "train" or "test"."""
-    path = dict(zip(("train", "test"), split_files()))[split]
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+def load_records(split: str | Path) -> list[dict]:
+    """The shipped records of "train", "test" or "unseen", or those of a file (JSONL, JSON, ...; also
+    'plugtune:instructions/...'), each with a "prompt" and its "constraints" (former short type names
+    are kept as written: the checkers translate them)."""
+    if str(split) in SPLITS:
+        text = split_path(split).read_text(encoding="utf-8")
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    records = []
+    for where, record in read_records(resolve_data_path(split)):
+        if not (isinstance(record, dict) and isinstance(record.get("prompt"), str) and record.get("constraints")):
+            raise DataError(f"{where}: an instruction record needs a \"prompt\" (text) and a non-empty "
+                            f"\"constraints\" list")
+        records.append(record)
+    return records
 
 
 def write_files() -> None:
     INSTRUCTIONS_DIR.mkdir(exist_ok=True)
     train, test = build_split()
-    train_file, test_file = split_files()
-    train_file.write_text(dump_jsonl(train), encoding="utf-8")
-    test_file.write_text(dump_jsonl(test), encoding="utf-8")
-    print(f"instructions: {len(train)} train -> {train_file}, {len(test)} test -> {test_file}")
+    for split, rows in (("train", train), ("test", test), ("unseen", build_unseen())):
+        split_path(split).write_text(dump_jsonl(rows), encoding="utf-8")
+        print(f"instructions: {len(rows)} {split} -> {split_path(split)}")
 
 
 if __name__ == "__main__":

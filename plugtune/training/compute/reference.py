@@ -1,8 +1,9 @@
 """The reference policy of DPO, PPO and GRPO.
 
 Training adapters, the reference is the same network with its adapters switched off
-(`adapters_disabled`): no second copy of the base. Fine-tuning every weight, it is a frozen copy
-of the model taken before training starts.
+(`adapters_disabled`): no second copy of the base. Continuing a previous stage's adapter (a pipeline
+after SFT), it is a frozen copy of that adapter on the same base (`adapters_only`). Fine-tuning every
+weight, it is a frozen copy of the model taken before training starts.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import copy
 import torch
 from torch import nn
 
-from plugtune.adapters.layers import adapters_disabled
+from plugtune.adapters.layers import adapters_disabled, adapters_only
 from plugtune.training.compute.token_logps import TokenLogps, token_logps
 
 
@@ -23,12 +24,19 @@ def frozen_copy(model: nn.Module) -> nn.Module:
 
 
 class Reference:
-    def __init__(self, model: nn.Module, full_finetune: bool):
+    """`adapter`: the name of a frozen adapter on the same base that is the reference (a run that
+    continues a previous stage's adapter); else the base with adapters off, or a frozen copy."""
+
+    def __init__(self, model: nn.Module, full_finetune: bool, adapter: str | None = None):
         self.frozen: nn.Module | None = frozen_copy(model) if full_finetune else None
+        self.adapter = adapter
 
     @torch.no_grad()
     def logps(self, model: nn.Module, batch: dict, temperature: float = 1.0, share_prefixes: bool = False) -> TokenLogps:
         if self.frozen is not None:
             return token_logps(self.frozen, batch, temperature, share_prefixes=share_prefixes)
+        if self.adapter is not None:
+            with adapters_only(model, self.adapter):
+                return token_logps(model, batch, temperature, share_prefixes=share_prefixes)
         with adapters_disabled(model):
             return token_logps(model, batch, temperature, share_prefixes=share_prefixes)

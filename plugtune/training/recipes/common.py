@@ -8,7 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from plugtune.adapters import attach_adapter, save_adapter
+from plugtune.adapters import attach_adapter, load_adapter, read_adapter_config, save_adapter
+from plugtune.adapters.layers import adapter_state, set_active_adapters
+from plugtune.adapters.registry import method_from_saved
 from plugtune.data.formats import DataError
 from plugtune.data.batching import batch_indices
 from plugtune.data.preference import TokenizedPair, load_preferences, tokenize_preferences
@@ -33,15 +35,40 @@ class Setup:
     router_prompts: dict[str, list] | None = None  # multi-task: each adapter's training prompts (run.py fits the router)
 
 
+REFERENCE = "reference"  # the adapter name of the frozen reference policy when a run continues an adapter
+
+
 def prepare_model(cfg: RunConfig, loaded: LoadedModel | None = None) -> LoadedModel:
-    """The base with the trainable policy: a fresh adapter named 'default', or every weight (method=full)."""
+    """The base with the trainable policy: a fresh adapter named 'default', the saved adapter
+    model.adapter to continue, or every weight (method=full)."""
     loaded = loaded or load_base(cfg.model.name, cfg.model.dtype, cfg.model.device)
     if cfg.method == "full":
         for p in loaded.model.parameters():
             p.requires_grad_(True)
+    elif cfg.model.adapter:
+        saved, _ = method_from_saved(read_adapter_config(cfg.model.adapter))
+        if saved.name != cfg.method:
+            raise ValueError(f"model.adapter={cfg.model.adapter} holds a {saved.name} adapter but method={cfg.method}: "
+                             f"set method={saved.name} to continue it, or leave model.adapter empty")
+        load_adapter(loaded.model, cfg.model.adapter, "default", trainable=True)  # continue training it
     else:
         attach_adapter(loaded.model, cfg.method, cfg.adapter, name="default", trainable=True)
     return loaded
+
+
+def attach_reference(cfg: RunConfig, loaded: LoadedModel) -> str | None:
+    """The reference policy of a run that continues an adapter (model.adapter): a frozen, inactive copy
+    of that adapter on the same base (its own few weights, no second base), so DPO/PPO/GRPO measure the
+    policy against where this stage started, as InstructGPT and Tülu take the SFT model as the
+    reference. Returns its adapter name; None when the reference is the base (adapters off) or, for
+    full fine-tuning, a frozen copy of the model (compute/reference.py)."""
+    if cfg.method == "full" or not cfg.model.adapter:
+        return None
+    load_adapter(loaded.model, cfg.model.adapter, REFERENCE, trainable=False)
+    for p in adapter_state(loaded.model, REFERENCE).values():
+        p.requires_grad_(False)
+    set_active_adapters(loaded.model, ["default"])
+    return REFERENCE
 
 
 def save_policy(cfg: RunConfig, loaded: LoadedModel, out: Path, name: str = "default") -> Path:

@@ -7,6 +7,8 @@ losses/preference.py, which never runs the model.
 - One forward for the whole batch: chosen and rejected go through the model together, each
   pair's shared prompt once (training/compute/prompt_trees.py); the LM head runs only at completion tokens.
 - The reference policy: with an adapter, the same network with adapters disabled (no second
+  copy); continuing a previous stage's adapter (model.adapter), a frozen copy of that adapter on the
+  same base;
   copy); with full fine-tuning, a frozen copy made before training. SimPO and ORPO need none.
   With `dpo.precompute_ref`, the reference log-probs of every pair are computed once before
   training and carried by the batches ("ref_logps", (2B,)), so no reference runs during training.
@@ -26,13 +28,15 @@ import torch
 from torch import nn
 
 from plugtune.adapters import adapter_names, adapters_disabled
+from plugtune.adapters.layers import adapters_only
 from plugtune.data.preference import TokenizedPair, collate_pairs
 from plugtune.models.loading import LoadedModel, autocast_dtype, load_tokenizer
 from plugtune.schema import ConfigError
 from plugtune.training.compute.losses.preference import PREFERENCE_LOSSES, PreferenceLogps
 from plugtune.training.compute.prompt_trees import PromptTrees, completion_logps, plan, tree_hidden
 from plugtune.training.compute.reference import frozen_copy
-from plugtune.training.recipes.common import Setup, pair_batches, pair_source, prepare_model, read_pairs, save_policy
+from plugtune.training.recipes.common import (Setup, attach_reference, pair_batches, pair_source, prepare_model,
+                                              read_pairs, save_policy)
 
 if TYPE_CHECKING:
     from plugtune.training.config import RunConfig
@@ -84,12 +88,16 @@ class PreferenceObjective:
     """DPO-family loss on pair batches; units = pairs, so the loop's step loss is the mean over pairs.
 
     `reference`: None uses the policy itself with adapters disabled (adapter training), or a frozen
-    nn.Module (full fine-tuning). A batch carrying "ref_logps" (2B,) uses those instead."""
+    nn.Module (full fine-tuning); `reference_adapter` names a frozen adapter on the same model that is
+    the reference instead (a run continuing a previous stage's adapter). A batch carrying "ref_logps"
+    (2B,) uses those instead."""
 
-    def __init__(self, cfg: DPOConfig, reference: nn.Module | None = None, share_prefixes: bool = True):
+    def __init__(self, cfg: DPOConfig, reference: nn.Module | None = None, share_prefixes: bool = True,
+                 reference_adapter: str | None = None):
         self.cfg = cfg
         self.loss = build_loss(cfg)
         self.reference = reference
+        self.reference_adapter = reference_adapter
         self.share_prefixes = share_prefixes
 
     def units(self, batch: dict) -> int:
@@ -100,6 +108,9 @@ class PreferenceObjective:
         """(2B,) summed completion log-probs under the reference policy."""
         if self.reference is not None:
             return sequence_logps(self.reference, batch, packed)[0]
+        if self.reference_adapter is not None:
+            with adapters_only(model, self.reference_adapter):
+                return sequence_logps(model, batch, packed)[0]
         if not adapter_names(model):
             raise ValueError("DPO needs a reference policy: this model has no adapter to disable, so pass the frozen "
                              "copy as `reference` (full fine-tuning) or precompute the reference log-probs")
@@ -187,7 +198,8 @@ def prepare(cfg: RunConfig, loaded: LoadedModel | None = None) -> Setup:
     model = loaded.model
     needs_reference = PREFERENCE_LOSSES[cfg.dpo.loss].needs_reference
     reference = frozen_copy(model) if needs_reference and cfg.method == "full" else None
-    objective = PreferenceObjective(cfg.dpo, reference)
+    reference_adapter = attach_reference(cfg, loaded) if needs_reference else None
+    objective = PreferenceObjective(cfg.dpo, reference, reference_adapter=reference_adapter)
     pad = tok.pad_token_id
     if needs_reference and cfg.dpo.precompute_ref:
         device = next(model.parameters()).device

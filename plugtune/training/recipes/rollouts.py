@@ -30,7 +30,7 @@ from plugtune.models.loading import load_base
 from plugtune.schema import ConfigError
 from plugtune.training.compute.reference import Reference
 from plugtune.training.engine.types import ParamGroup
-from plugtune.training.recipes.common import Setup, prepare_model, save_policy
+from plugtune.training.recipes.common import Setup, attach_reference, prepare_model, save_policy
 
 if TYPE_CHECKING:
     from plugtune.training.config import RunConfig
@@ -237,7 +237,7 @@ def prepare_rl(cfg: RunConfig, loaded, make_objective: Callable) -> Setup:
     torch.manual_seed(cfg.training.seed)
     loaded = prepare_model(cfg, loaded)
     model = loaded.model
-    reference = Reference(model, full_finetune=cfg.method == "full")
+    reference = Reference(model, full_finetune=cfg.method == "full", adapter=attach_reference(cfg, loaded))
     reward_model = None
     if cfg.rollout.reward_model:
         # An adapter reward model shares the policy's base (per-row "reward" adapter when scoring).
