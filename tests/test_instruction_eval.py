@@ -198,6 +198,8 @@ def test_repair_restructures_the_answer():
     assert three == f"* {sentences[0]} {sentences[1]}\n* {sentences[2]}\n* {sentences[3]}"
     six = _repaired((BULLETS, {"num_bullets": 6})).splitlines()  # sentences split at commas / conjunctions
     assert len(six) == 6 and six[0] == "* Drinking water keeps you healthy."
+    listed = "Here are some tips:\n* Drink early\n* Sip often\n* Carry a bottle"  # the lead-in goes, every item stays
+    assert _repaired((BULLETS, {"num_bullets": 2}), answer=listed) == "* Drink early. Sip often.\n* Carry a bottle."
     obj = json.loads(_repaired((JSON_FORMAT, {"keys": ["topic", "tip"]})))
     assert obj == {"topic": " ".join(sentences[:2]), "tip": " ".join(sentences[2:])}
     short = _repaired((NUMBER_WORDS, {"relation": "less than", "num_words": 15}))

@@ -16,7 +16,7 @@ import json
 import re
 from dataclasses import dataclass, field
 
-from plugtune.tasks.instructions.checkers import (BULLETS, CHECKERS, END_CHECKER, JSON_FORMAT, KEYWORD_FREQUENCY,
+from plugtune.tasks.instructions.checkers import (BULLETS, END_CHECKER, JSON_FORMAT, KEYWORD_FREQUENCY,
                                                   LOWERCASE, NO_COMMA, NUMBER_WORDS, TITLE, UPPERCASE, check_response,
                                                   check_title, constraints_of, count_words)
 
@@ -60,17 +60,13 @@ def _drop_unfinished(text: str) -> str:
 def _sentences(response: str) -> list[str]:
     """The answer's sentences, markdown taken off (list markers, headings, bold, titles, rules)."""
     out: list[str] = []
-    for line in response.splitlines():
+    for line in _drop_unfinished(response).splitlines():
         line = _TITLE_SPAN.sub("", line).strip()
         if not line or set(line) <= set("-*_=#"):
             continue
         line = _LIST_MARKER.sub("", re.sub(r"^#+\s*", "", line)).replace("**", "").strip()
         out += [s.strip() for s in _SENTENCE_END.split(line) if count_words(s)]
-    if len(out) > 1:  # a lead-in ("Here are some tips:") or an unfinished last sentence
-        out = [s for s in out if not s.endswith(":")] or out
-        if not out[-1].rstrip("\"')]*").endswith(_TERMINAL) and len(out) > 1:
-            out.pop()
-    return out
+    return [s for s in out if not s.endswith(":")] or out  # without a lead-in ("Here are some tips:")
 
 
 def _sentence(tokens: list[str]) -> str:
@@ -189,10 +185,7 @@ def _fix(draft: _Draft, constraint: dict, kinds: dict) -> bool:
     if kind == KEYWORD_FREQUENCY and kw.get("relation", "at least") == "at least":
         if len(draft.kept) >= kw["frequency"] + len(KEYWORD_SENTENCES):
             return False
-        word = kw["keyword"]
-        template = KEYWORD_SENTENCES[len(draft.kept) % len(KEYWORD_SENTENCES)]
-        sentence = template.format(w=word)
-        draft.kept.append(sentence[0].upper() + sentence[1:] if sentence.startswith(word) else sentence)
+        draft.kept.append(KEYWORD_SENTENCES[len(draft.kept) % len(KEYWORD_SENTENCES)].format(w=kw["keyword"]))
         return True
     return False  # case, commas, title, end phrase: applied to the whole text already
 
@@ -203,7 +196,7 @@ def repair(record: dict, response: str) -> str | None:
     The returned text always passes `check_response(record, text)` strictly."""
     constraints = constraints_of(record)
     kinds = {c["type"]: c["kwargs"] for c in constraints}
-    if len(kinds) != len(constraints) or not set(kinds) <= set(CHECKERS):
+    if len(kinds) != len(constraints):
         return None  # one type twice: the edits could pull two ways
     if check_response(record, response)[0]:
         return response
