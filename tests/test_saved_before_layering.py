@@ -3,7 +3,8 @@
 tests/data/saved_before_layering/ was written by that commit's code on the tiny model that
 `save_tiny_model_dir` builds (deterministic): a LoRA SFT run's step-1 checkpoint and its step-2 adapter,
 a reward model (LoRA + head), and a multi-task pool with its router. The expected reward scores are the
-ones that code printed for the same inputs.
+ones that code printed for the same inputs. dates_train.jsonl is the dates skill's training file of that
+commit (the shipped one has varied wording since), which the checkpoint was trained on.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ def test_old_checkpoint_resumes_to_the_old_adapter_exactly(tmp_path, tiny_model_
     cfg = load_run_config(None, [f"model.name={tiny_model_dir}", "training.batch_size=4", "training.progress=false",
                                  "data.max_length=96", "training.threads=1", f"output.dir={tmp_path / 'run'}",
                                  "training.max_steps=2", "training.save_every=1",
-                                 "data.train=plugtune:skills/dates_train.jsonl", f"output.resume={checkpoint}"])
+                                 f"data.train={SAVED / 'dates_train.jsonl'}", f"output.resume={checkpoint}"])
     report = plugtune.train(cfg)
     old = load_file(SAVED / "sft_step2_adapter" / "adapter_model.safetensors")
     new = load_file(Path(report.artifact) / "adapter_model.safetensors")

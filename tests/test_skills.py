@@ -4,7 +4,9 @@ import re
 
 import pytest
 
-from plugtune.tasks.skills.generate import SKILLS, build_split, dump_jsonl, skill_files
+from plugtune.tasks.skills.confusable import (CONFUSABLE_TEMPLATES, build_confusable, chat_prompts, confusable_file,
+                                              confusable_prompts)
+from plugtune.tasks.skills.generate import SKILLS, TEMPLATES, build_split, dump_jsonl, skill_files
 
 
 @pytest.mark.parametrize("skill", list(SKILLS))
@@ -33,6 +35,65 @@ def test_split_is_clean_and_answers_vary(skill):
         assert all(answer(r) not in prompt(r) for r in test)
 
 
+_FIELDS = {"a": r"\d+(?:\.\d+)?", "src": "[a-z]+", "dst": "[a-z]+", "unit": "[a-z]+", "w": "[a-z]+(?:, [a-z]+)*",
+           "d": "[A-Za-z0-9 ,]+", "date": "[A-Za-z0-9 ,]+", "year": r"\d{4}", "month": "[A-Z][a-z]+", "item": "[a-z]+",
+           "p": r"\d+(?:\.\d+)?", "city": "[A-Z][a-z]+", "city2": "[A-Z][a-z]+", "event": "[A-Za-z' ]+", "s": ".+"}
+
+
+def _template_of(prompt: str, templates: list[str]) -> list[str]:
+    """The templates that could have produced `prompt` (each placeholder matched by its kind of text)."""
+    def pattern(t):
+        parts = re.split(r"\{(\w+)\}", t)  # text, field, text, field, ...
+        return "".join(re.escape(x) if i % 2 == 0 else f"(?:{_FIELDS[x]})" for i, x in enumerate(parts))
+    return [t for t in templates if re.fullmatch(pattern(t), prompt, re.S)]
+
+
+@pytest.mark.parametrize("skill", list(TEMPLATES))
+def test_wording_templates_are_many_and_the_splits_never_share_one(skill):
+    train_templates, held_out = TEMPLATES[skill]
+    assert len(train_templates) >= 20 and len(held_out) >= 8
+    assert not set(train_templates) & set(held_out)
+    train_file, test_file = skill_files(skill)
+    rows = {f: [json.loads(l)["messages"][0]["content"] for l in f.read_text().splitlines()] for f in (train_file, test_file)}
+    # Every prompt comes from a template of its own split only, and every template is used.
+    used = {}
+    for f, own, other in ((train_file, train_templates, held_out), (test_file, held_out, train_templates)):
+        used[f] = set()
+        for prompt in rows[f]:
+            mine = _template_of(prompt, own)
+            assert mine and not _template_of(prompt, other), (skill, prompt)
+            used[f].update(mine)
+    assert used[train_file] == set(train_templates) and used[test_file] == set(held_out)
+    # No test input in training under another wording: no test answer is a training answer.
+    answers = {f: {json.loads(l)["messages"][1]["content"] for l in f.read_text().splitlines()}
+               for f in (train_file, test_file)}
+    assert not answers[train_file] & answers[test_file]
+
+
+def test_arith_keeps_its_one_fixed_wording():
+    assert "arith" not in TEMPLATES  # plugtune compare arith's measured figures depend on its exact files
+
+
+def test_confusable_files_are_the_generator_output_with_disjoint_templates():
+    train, test = build_confusable()
+    assert confusable_file("train").read_text() == dump_jsonl(train)
+    assert confusable_file("test").read_text() == dump_jsonl(test)
+    train_t, held_t = CONFUSABLE_TEMPLATES
+    assert not set(train_t) & set(held_t)
+    for prompts, own, other in ((confusable_prompts("train"), train_t, held_t), (confusable_prompts("test"), held_t, train_t)):
+        for prompt in prompts:
+            assert _template_of(prompt, own) and not _template_of(prompt, other), prompt
+    assert len(confusable_prompts("train")) == 300 and len(confusable_prompts("test")) == 150
+
+
+def test_chat_parts_are_disjoint_and_cover_the_corpus():
+    parts = [chat_prompts(p) for p in ("fit", "calibrate", "measure")]
+    assert all(len(p) > 200 for p in parts)
+    assert sum(len(p) for p in parts) == len(set().union(*map(set, parts)))
+    with pytest.raises(ValueError, match="part must be one of"):
+        chat_prompts("test")
+
+
 def test_date_answers_are_correct():
     import datetime
 
@@ -51,7 +112,9 @@ def test_date_answers_are_correct():
         # in their own place (a bare `str(day) in prompt` would also match digits of the year).
         styles = {f"{name} {d}, {y}", f"{d} {name} {y}", f"the {ordinal(d)} of {name}, {y}", f"{name[:3]} {d} {y}",
                   f"{ordinal(d)} {name} {y}"}
-        assert prompt.split(": ", 1)[1] in styles, prompt
+        # The date text sits inside a wording template: it must be one of the styles, not part of a
+        # longer number ("5 May 2020" inside "15 May 2020").
+        assert any(re.search(rf"(?<![\w]){re.escape(style)}(?![\d])", prompt) for style in styles), prompt
 
 
 def _recompute_arith(start, steps):

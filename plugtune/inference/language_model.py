@@ -21,7 +21,7 @@ from torch import nn
 from plugtune.adapters.io import adapter_method_and_config, load_adapter, read_adapter_config
 from plugtune.adapters.layers import adapter_names, adapter_state, remove_adapter, set_active_adapters
 from plugtune.inference.generate import GenerationConfig, generate
-from plugtune.inference.router import Router, load_router
+from plugtune.inference.router import HOW_TO_MAKE, Router, load_router
 from plugtune.models.loading import LoadedModel
 
 AUTO = "auto"
@@ -95,8 +95,8 @@ class LanguageModel:
             return None
         if adapters == AUTO:
             if self.router is None:
-                raise ValueError("adapters='auto' needs a router: build one with plugtune.inference.router.fit_router "
-                                 "or load one with lm.load_router(PATH)")
+                raise ValueError("adapters='auto' needs a router: load one with lm.load_router(PATH) (or "
+                                 "plugtune.load(..., router=PATH)). To make one: " + HOW_TO_MAKE)
             return self.router.route(self.model, self.tokenizer, prompts)
         if isinstance(adapters, str):
             return [adapters] * len(prompts)

@@ -53,8 +53,8 @@ def _prepare(cfg: RunConfig, loaded: LoadedModel | None) -> Setup:
 
     def save_with_router(out: Path) -> Path:
         pool_dir = save_pool(out)
-        router = fit_router(setup.loaded.model, setup.loaded.tokenizer, setup.router_prompts,
-                            min_prob=cfg.router.min_prob, quantile=cfg.router.quantile, margin=cfg.router.margin)
+        router = fit_router(setup.loaded.model, setup.loaded.tokenizer, setup.router_prompts, kind=cfg.router.kind,
+                            shipped=cfg.router.shipped_negatives, false_route_rate=cfg.router.false_route_rate)
         router.save(pool_dir / "router")
         return pool_dir
 

@@ -27,6 +27,7 @@ from plugtune.adapters.layers import adapter_state, mark_trainable
 from plugtune.adapters.mixed import mixed_adapters
 from plugtune.data import IGNORE_INDEX, Tokenized, collate, load_examples, tokenize_dataset
 from plugtune.data.batching import batch_indices
+from plugtune.inference.routers import KINDS as ROUTER_KINDS
 from plugtune.models.causal_lm import hidden_states, lm_head
 from plugtune.models.loading import LoadedModel, load_base
 from plugtune.schema import ConfigError
@@ -52,13 +53,13 @@ class TaskConfig:
 
 @dataclass
 class RouterConfig:
-    """The `router:` section: the router run.py fits on the adapters' training prompts after a multi-task run."""
+    """The `router:` section: the router run.py fits after a multi-task run (inference/router.py)."""
 
-    build: bool = True  # build a router from the adapters' training prompts (multi-task runs)
-    max_prompts: int = 256  # training prompts per adapter used to fit it
-    quantile: float = 0.01  # similarity threshold: this quantile of an adapter's own prompts ...
-    margin: float = 0.02  # ... minus this margin
-    min_prob: float = 0.5
+    build: bool = True  # build a router for the adapters (multi-task runs)
+    kind: str = "minilm"  # hidden | minilm | hidden+minilm | arrow (inference/routers.py); minilm measured best
+    max_prompts: int = 256  # training prompts per adapter used to fit it (trained kinds)
+    shipped_negatives: bool = True  # general chat + confusable requests as the base's class, chat to calibrate
+    false_route_rate: float = 0.01  # abstain threshold: about this share of calibration chat may reach an adapter
 
 
 def check_config(cfg: RunConfig) -> None:
@@ -75,6 +76,10 @@ def check_config(cfg: RunConfig) -> None:
             raise ConfigError(f"adapters.{name}.train is not set: give each adapter its training file")
         if task.rows < 0:
             raise ConfigError(f"adapters.{name}.rows must be >= 0")
+    if cfg.router.kind not in ROUTER_KINDS:
+        raise ConfigError(f"router.kind={cfg.router.kind}: not a router kind ({', '.join(ROUTER_KINDS)})")
+    if not 0 <= cfg.router.false_route_rate < 1:
+        raise ConfigError("router.false_route_rate must be in [0, 1)")
 
 
 @dataclass
