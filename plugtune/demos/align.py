@@ -48,9 +48,10 @@ REFERENCE = {"sft": None, "dpo": "sft", "grpo": "sft"}  # each stage's reference
 @dataclass
 class AlignDemoSettings:
     config: str = "align_pipeline"  # the shipped pipeline config (or a path)
-    max_new_tokens: int = 64  # greedy answers to the held-out prompts
+    max_new_tokens: int = 48  # greedy answers to the held-out prompts
     batch_size: int = 64  # rows per mixed generation batch
     n_chat: int = 64  # general-chat conversations for the forgetting measure
+    n_kl: int = 64  # held-out answers the KL to the reference is measured on (a diagnostic; a subset keeps it quick)
     threads: int = 0  # 0: the pipeline's training.threads
 
 
@@ -113,9 +114,9 @@ def run_align_demo(model: str | None = None, out: str = "runs/align", settings: 
             lm.model, lm.tokenizer, chat, adapter_names=[policy] * len(chat))["loss"]
         row["forgetting"] = chat_loss - chat_base
         if policy != "base":
-            held = splits["held_out"]
+            held = splits["held_out"][: s.n_kl]
             row["kl_to_reference"] = kl_to_reference(lm.model, lm.tokenizer, [_messages(r) for r in held],
-                                                     answers["held_out"][policy], policy, REFERENCE[policy])
+                                                     answers["held_out"][policy][: s.n_kl], policy, REFERENCE[policy])
             row["reference"] = REFERENCE[policy] or "base"
             row["gain"] = {split: paired_bootstrap(rows["base"][split]["passed_strict"], row[split]["passed_strict"])
                            for split in splits}
