@@ -6,3 +6,5 @@ config.py asks it, run.py dispatches through it. Multi-task runs (`adapters:`) u
 from plugtune.training.recipes import dpo, grpo, multitask, ppo, reward_model, sft
 
 RECIPES = {"sft": sft, "reward": reward_model, "dpo": dpo, "ppo": ppo, "grpo": grpo}
+
+__all__ = ["RECIPES", "dpo", "grpo", "multitask", "ppo", "reward_model", "sft"]
