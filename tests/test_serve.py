@@ -146,7 +146,8 @@ def test_engine_stop_strings_and_stop_tokens(engine, ref):
     assert text == full.text[:full.text.index(stop)]
     assert events[-1].finish_reason == "stop"
     assert all(stop not in e.text for e in events)
-    k = next(i for i, t in enumerate(full.token_ids) if i and t not in full.token_ids[:i])  # a token's first use
+    # a token's first use after the first (0: a reply that repeats one token, cut at its first token)
+    k = next((i for i, t in enumerate(full.token_ids) if i and t not in full.token_ids[:i]), 0)
     cut = engine.submit(Request(ids, "a", GenerationConfig(max_new_tokens=16), stop_token_ids=(full.token_ids[k],)))
     out = cut.result(10)
     assert out.token_ids == full.token_ids[:k] and out.finish_reason == "stop" and out.completion_tokens == k + 1
