@@ -205,11 +205,17 @@ def _check_stage_config(stage: Stage, where: str) -> None:
         except ValueError as exc:
             raise ConfigError(f"{where}: {exc}") from None
         return
-    cfg = from_dict(RunConfig, {k: v for k, v in stage.raw.items() if k != "sample"}, where=label)
+    _run_config(stage.raw, label)
+
+
+def _run_config(data: dict, label: str) -> RunConfig:
+    """A training stage's mapping as a validated RunConfig; errors name the stage."""
+    cfg = from_dict(RunConfig, {k: v for k, v in data.items() if k != "sample"}, where=label)
     try:
         validate_run_config(cfg)
     except ConfigError as exc:
         raise ConfigError(f"{label}: {exc}") from None
+    return cfg
 
 
 # ---------------------------------------------------------------- running
@@ -297,14 +303,9 @@ def _run_stage(stage: Stage, resolved: dict, done: dict[str, StageResult]) -> St
     t0 = time.perf_counter()
     if stage.kind == "sample":
         return _run_sample_stage(stage, resolved, t0)
-    data = {k: v for k, v in resolved.items() if k != "sample"}
-    cfg = from_dict(RunConfig, data, where=f"stage '{stage.name}'")
-    try:
-        validate_run_config(cfg)
-    except ConfigError as exc:
-        raise ConfigError(f"stage '{stage.name}': {exc}") from None
+    cfg = _run_config(resolved, f"stage '{stage.name}'")
     for key in ("data.train", "data.eval"):
-        value = _get(data, key)
+        value = _get(resolved, key)
         if value and not resolve_data_path(value).exists():
             raise FileNotFoundError(f"stage '{stage.name}': {key}={value} does not exist; fix the path (or, for a "
                                     "sample stage's output, write '@<stage>/sft.jsonl' or '@<stage>/pairs.jsonl')")
