@@ -44,3 +44,12 @@ def load_bench(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(autouse=True)
+def _restore_thread_count():
+    """training.threads sets torch's process-wide thread count; put it back after each test, so a test
+    that trains with one thread does not change the numerics of the tests that run after it."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)

@@ -33,7 +33,6 @@ from plugtune.data.preference import PromptItem, load_prompts
 from plugtune.inference.generate import GenerationConfig, generate_ids, stop_token_ids
 from plugtune.inference.reward_model import load_reward_model
 from plugtune.inference.verifiers import Verifier, checked_scores, resolve_reward_function
-from plugtune.tasks.instructions.checkers import check_response
 from plugtune.tasks.instructions.repair import repair as repair_answer
 
 REWARD_MODEL_PREFIX = "reward_model:"
@@ -185,8 +184,7 @@ def _write(items: list[PromptItem], answers: list[list[str]], scores: list[list[
 def _repaired(item: PromptItem, answer: str) -> str | None:
     if not item.meta.get("constraints"):
         return None
-    fixed = repair_answer(item.meta, answer)
-    return fixed if fixed is not None and check_response(item.meta, fixed)[0] else None
+    return repair_answer(item.meta, answer)  # a repair is returned only if the checker passes it
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:

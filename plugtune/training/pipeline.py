@@ -320,11 +320,7 @@ def _run_stage(stage: Stage, resolved: dict, done: dict[str, StageResult]) -> St
 
 
 def _run_sample_stage(stage: Stage, resolved: dict, t0: float) -> StageResult:
-    sample = from_dict(SampleConfig, resolved.get("sample", {}), where=f"stage '{stage.name}'.sample")
-    try:
-        sample.check(where=f"stage '{stage.name}': sample")
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
+    sample = from_dict(SampleConfig, resolved.get("sample", {}), where=f"stage '{stage.name}'.sample")  # checked at parse
     if not resolve_data_path(sample.prompts).exists():
         raise FileNotFoundError(f"stage '{stage.name}': sample.prompts={sample.prompts} does not exist; fix the path")
     model = resolved.get("model", {})

@@ -7,6 +7,7 @@ weight, it is a frozen copy of the model taken before training starts.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
@@ -23,6 +24,21 @@ def frozen_copy(model: nn.Module) -> nn.Module:
     return reference
 
 
+@contextlib.contextmanager
+def as_reference(model: nn.Module, frozen: nn.Module | None = None, adapter: str | None = None):
+    """The network that gives reference log-probs, for the duration: the frozen copy (full
+    fine-tuning), else `model` with only the reference adapter active (a run continuing a previous
+    stage's adapter), else `model` with its adapters off."""
+    if frozen is not None:
+        yield frozen
+    elif adapter is not None:
+        with adapters_only(model, adapter):
+            yield model
+    else:
+        with adapters_disabled(model):
+            yield model
+
+
 class Reference:
     """`adapter`: the name of a frozen adapter on the same base that is the reference (a run that
     continues a previous stage's adapter); else the base with adapters off, or a frozen copy."""
@@ -33,10 +49,5 @@ class Reference:
 
     @torch.no_grad()
     def logps(self, model: nn.Module, batch: dict, temperature: float = 1.0, share_prefixes: bool = False) -> TokenLogps:
-        if self.frozen is not None:
-            return token_logps(self.frozen, batch, temperature, share_prefixes=share_prefixes)
-        if self.adapter is not None:
-            with adapters_only(model, self.adapter):
-                return token_logps(model, batch, temperature, share_prefixes=share_prefixes)
-        with adapters_disabled(model):
-            return token_logps(model, batch, temperature, share_prefixes=share_prefixes)
+        with as_reference(model, self.frozen, self.adapter) as network:
+            return token_logps(network, batch, temperature, share_prefixes=share_prefixes)

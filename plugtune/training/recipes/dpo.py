@@ -27,14 +27,13 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from plugtune.adapters import adapter_names, adapters_disabled
-from plugtune.adapters.layers import adapters_only
+from plugtune.adapters import adapter_names
 from plugtune.data.preference import TokenizedPair, collate_pairs
 from plugtune.models.loading import LoadedModel, autocast_dtype, load_tokenizer
 from plugtune.schema import ConfigError
 from plugtune.training.compute.losses.preference import PREFERENCE_LOSSES, PreferenceLogps
 from plugtune.training.compute.prompt_trees import PromptTrees, completion_logps, plan, tree_hidden
-from plugtune.training.compute.reference import frozen_copy
+from plugtune.training.compute.reference import as_reference, frozen_copy
 from plugtune.training.recipes.common import (Setup, attach_reference, pair_batches, pair_source, prepare_model,
                                               read_pairs, save_policy)
 
@@ -106,16 +105,11 @@ class PreferenceObjective:
     @torch.no_grad()
     def reference_logps(self, model: nn.Module, batch: dict, packed: PromptTrees | None = None) -> torch.Tensor:
         """(2B,) summed completion log-probs under the reference policy."""
-        if self.reference is not None:
-            return sequence_logps(self.reference, batch, packed)[0]
-        if self.reference_adapter is not None:
-            with adapters_only(model, self.reference_adapter):
-                return sequence_logps(model, batch, packed)[0]
-        if not adapter_names(model):
+        if self.reference is None and self.reference_adapter is None and not adapter_names(model):
             raise ValueError("DPO needs a reference policy: this model has no adapter to disable, so pass the frozen "
                              "copy as `reference` (full fine-tuning) or precompute the reference log-probs")
-        with adapters_disabled(model):
-            return sequence_logps(model, batch, packed)[0]
+        with as_reference(model, self.reference, self.reference_adapter) as network:
+            return sequence_logps(network, batch, packed)[0]
 
     def __call__(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
         b = self.units(batch)
