@@ -355,6 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
     from plugtune.compare.runner import add_compare_parser
 
     add_compare_parser(sub)
+    from plugtune.ui.cli import add_ui_parser  # plugtune ui (issue 18)
+
+    add_ui_parser(sub)
 
     return parser
 
