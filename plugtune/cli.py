@@ -231,6 +231,17 @@ def cmd_merge(args) -> None:
     print(f"merged model written to {out} (loads with transformers.AutoModelForCausalLM.from_pretrained)")
 
 
+def cmd_export(args) -> None:
+    from plugtune.export import export_gguf
+
+    r = export_gguf(args.out, model=args.model, adapter=args.adapter, quant=args.quant, adapter_only=args.adapter_only,
+                    ollama=args.ollama, overwrite=args.overwrite, force=args.force)
+    what = "LoRA adapter (load with llama.cpp --lora on the base's GGUF)" if r.kind == "lora" else "model"
+    print(f"{what} written to {r.path} ({r.quant}, {r.path.stat().st_size / 2**20:.1f} MiB, {r.seconds:.1f} s)")
+    if r.modelfile is not None:
+        print(f"Ollama Modelfile written to {r.modelfile} (ollama create NAME -f {r.modelfile})")
+
+
 def cmd_adapters_info(args) -> None:
     import json as _json
 
@@ -334,6 +345,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p, pool=False)
     p.add_argument("--out", required=True, help="output model directory")
     p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("export", help="write a model (an adapter merged in) or a LoRA adapter as GGUF for llama.cpp "
+                                      "and Ollama")
+    p.add_argument("--format", default="gguf", choices=["gguf"])
+    p.add_argument("--out", required=True, help="the .gguf file to write")
+    p.add_argument("--model", default="smollm2-135m", help="built-in name or local model directory (the base)")
+    p.add_argument("--adapter", default=None, help="adapter directory, merged into the model (or, with "
+                                                   "--adapter-only, written alone)")
+    p.add_argument("--quant", default=None, choices=["f32", "f16", "q8_0", "q4_0"],
+                   help="tensor type (default f16; f32 with --adapter-only, which takes f32 or f16)")
+    p.add_argument("--adapter-only", action="store_true", help="write the LoRA adapter alone as a GGUF LoRA file "
+                                                              "(llama.cpp --lora on the base's GGUF)")
+    p.add_argument("--ollama", action="store_true", help="also write OUT's stem + .Modelfile for `ollama create`")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.add_argument("--force", action="store_true", help="load an adapter even if it was made for another base")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("adapters", help="adapter tools: info (costs of every method), combine (arithmetic), "
                                          "check (vLLM compatibility)")
