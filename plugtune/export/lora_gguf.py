@@ -18,7 +18,7 @@ from pathlib import Path
 import gguf
 from torch import nn
 
-from plugtune.adapters.layers import adapter_layers
+from plugtune.adapters.layers import AdapterLayer, adapter_layers
 from plugtune.adapters.methods.lora import LoraLinear
 from plugtune.export.gguf_writer import WriteFn, commit_atomically, check_output_path, encode_tensor, to_numpy, \
     write_gguf_file
@@ -49,10 +49,14 @@ def check_lora_exportable(method_name: str, cfg, can_merge: bool) -> None:
                                       "without --adapter-only)")
 
 
+def _plain(module: nn.Module | None) -> nn.Module | None:
+    return module.base_module if isinstance(module, AdapterLayer) else module  # the module under any wrappers
+
+
 def _refuse_layer(model: nn.Module, path: str, layer) -> None:
     base = layer.base_module
-    head = model.get_output_embeddings()
-    if isinstance(base, nn.Embedding) or base is model.get_input_embeddings():
+    head = _plain(model.get_output_embeddings())
+    if isinstance(base, nn.Embedding) or base is _plain(model.get_input_embeddings()):
         raise UnsupportedAdapterError(
             f"--adapter-only: the adapter has LoRA on the embedding table ({path}), which llama.cpp's --lora "
             "does not load: merge it instead (run the export without --adapter-only), or train without "

@@ -62,7 +62,9 @@ def ensure_default_model(verbose: bool = True) -> Path:
     return target
 
 
-def convert_gguf(gguf_file: Path, out_dir: Path) -> None:
+def convert_gguf(gguf_file: Path, out_dir: Path, name: str = "SmolLM2-135M-Instruct") -> None:
+    """Read a GGUF file (the packaged default model, or one `plugtune export` wrote) into a plain fp32
+    transformers directory with its tokenizer; `name` becomes the config's _name_or_path."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -73,7 +75,7 @@ def convert_gguf(gguf_file: Path, out_dir: Path) -> None:
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")
     config.dtype = torch.float32
-    config._name_or_path = "SmolLM2-135M-Instruct"
+    config._name_or_path = name
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     missing, unexpected = plain.load_state_dict(quantized.state_dict(), strict=False)
     # Tied embeddings: lm_head.weight may be absent from the GGUF state dict; tie_weights covers it.
