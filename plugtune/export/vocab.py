@@ -23,12 +23,13 @@ class UnsupportedTokenizerError(ValueError):
 def pre_tokenizer_name(pre: dict | None) -> str:
     """llama.cpp's pre-tokenizer name for a tokenizer.json `pre_tokenizer` section.
 
-    ByteLevel with its GPT-2 regex -> "gpt2"; SmolLM's single digits, then ByteLevel -> "smollm"."""
+    ByteLevel with its GPT-2 regex -> "gpt-2" (llama.cpp's spelling; "gpt2" names the tokenizer model,
+    not a pre-tokenizer, and llama.cpp refuses it here); SmolLM's single digits, then ByteLevel -> "smollm"."""
     def is_gpt2_byte_level(p: dict) -> bool:
         return p.get("type") == "ByteLevel" and p.get("use_regex", True)
 
     if pre and is_gpt2_byte_level(pre):
-        return "gpt2"
+        return "gpt-2"
     if pre and pre.get("type") == "Sequence":
         parts = pre.get("pretokenizers", [])
         if (len(parts) == 2 and parts[0].get("type") == "Digits" and parts[0].get("individual_digits")
