@@ -15,13 +15,14 @@ from plugtune.models.loading import load_base
 
 def load(model: str = "smollm2-135m", adapter: str | Path | dict[str, str | Path] | None = None,
          dtype: str = "auto", device: str = "auto", force: bool = False, use: str | list[str] | None = None,
-         router: str | Path | None = None) -> LanguageModel:
+         router: str | Path | None = None, quantize: str = "none") -> LanguageModel:
     """Load a base model (built-in name or local directory) with any number of saved adapters.
 
     `adapter` is one directory (loaded as 'default' and made active) or {name: directory}; `use`
     picks the active adapter(s) (default: the only one, if exactly one was given); `router` loads a
-    saved router for adapters="auto"."""
-    lm = LanguageModel(load_base(model, dtype, device))
+    saved router for adapters="auto"; `quantize` (none | int8 | int4 | nf4) stores the base's linear
+    weights in 8 or 4 bits (models/quantize.py)."""
+    lm = LanguageModel(load_base(model, dtype, device, quantize))
     adapters = {"default": adapter} if isinstance(adapter, (str, Path)) else dict(adapter or {})
     for name, path in adapters.items():
         lm.add_adapter(name, path, force=force)

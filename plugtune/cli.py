@@ -26,6 +26,9 @@ def _add_model_args(p: argparse.ArgumentParser, pool: bool = True) -> None:
     p.add_argument("--force", action="store_true", help="load an adapter even if it was made for another base")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
+    p.add_argument("--quantize", default="none", metavar="none|int8|int4|nf4",
+                   help="store the base's linear weights in 8 or 4 bits (int8/int4: CPU or CUDA; nf4: CUDA + "
+                        "bitsandbytes); adapters stay full precision")
 
 
 def parse_adapter_args(values: list[str]) -> dict[str, str]:
@@ -57,7 +60,8 @@ def _load_pool(args):
             raise ValueError("--use auto needs a router: pass --router DIR (multi-task runs write one to "
                              "OUTPUT/adapters/router)")
     use = None if args.use in (None, "auto", "base") else args.use.split(",")
-    lm = load(args.model, adapters, args.dtype, args.device, args.force, use=use, router=router)
+    lm = load(args.model, adapters, args.dtype, args.device, args.force, use=use, router=router,
+              quantize=args.quantize)
     if args.use == "base":
         lm.use(None)
     return lm, ("auto" if args.use == "auto" else None)
@@ -226,7 +230,7 @@ def cmd_merge(args) -> None:
     from plugtune.adapters.merge import merge_and_save
     from plugtune.api import load
 
-    lm = load(args.model, args.adapter, "float32", "cpu", args.force)
+    lm = load(args.model, args.adapter, "float32", "cpu", args.force, quantize=args.quantize)  # quantized: refused
     out = merge_and_save(lm.model, lm.tokenizer, args.out)
     print(f"merged model written to {out} (loads with transformers.AutoModelForCausalLM.from_pretrained)")
 

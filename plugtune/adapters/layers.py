@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from plugtune.models.heads import ScalarHead
+from plugtune.models.quantize import QuantizedLinear
 
 ALL_LINEAR = "all-linear"
 
@@ -28,7 +29,10 @@ def is_conv1d(module: nn.Module) -> bool:
 
 
 def linear_features(module: nn.Module) -> tuple[int, int]:
-    """(in_features, out_features) of nn.Linear or Conv1D."""
+    """(in_features, out_features) of nn.Linear, Conv1D or a quantized linear layer (read from its
+    shape attributes: its `weight` would dequantize it)."""
+    if isinstance(module, QuantizedLinear):
+        return module.in_features, module.out_features
     w = module.weight
     return (w.shape[0], w.shape[1]) if is_conv1d(module) else (w.shape[1], w.shape[0])
 
@@ -60,6 +64,11 @@ class AdapterLayer(nn.Module):
         while isinstance(module, AdapterLayer):
             module = module.base_layer
         return module
+
+    @property
+    def base_device(self) -> torch.device:
+        """Where the base module's tensors live (without reading `weight`, which a quantized base computes)."""
+        return next(t for t in (*self.base_module.parameters(), *self.base_module.buffers())).device
 
     @property
     def weight(self) -> torch.Tensor:
@@ -126,12 +135,23 @@ class AdapterLayer(nn.Module):
     def merge(self, name: str) -> None:
         if name in self.merged:
             return
-        self.check_inner_merged(name)
+        self.check_can_merge(name)
         weight = self.base_module.weight
         if not self.merged:
             self._original_weight = weight.data.clone()
         weight.data = self.merged_weight(name, weight.data).to(weight.dtype)
         self.merged.append(name)
+
+    def check_can_merge(self, name: str) -> None:
+        """Refuse a merge into a quantized base, or past live inner adapters (check_inner_merged)."""
+        base = self.base_module
+        if isinstance(base, QuantizedLinear):
+            raise RuntimeError(
+                f"cannot merge adapter '{name}' into a quantized base ({base.scheme}): its weight is stored in "
+                f"{base.scheme} and folding the adapter in would re-quantize W + delta, adding rounding error to the "
+                "whole layer. Serve the adapter unmerged on the quantized base, or load the base unquantized "
+                "(quantize=none / --quantize none) to merge, then quantize the merged model (quantize_model)")
+        self.check_inner_merged(name)
 
     def check_inner_merged(self, name: str) -> None:
         """Refuse to merge `name` while an inner wrapper on the same module still applies adapters
@@ -164,7 +184,7 @@ class AdapterLayer(nn.Module):
 
 
 def _is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or is_conv1d(module)
+    return isinstance(module, (nn.Linear, QuantizedLinear)) or is_conv1d(module)
 
 
 def find_targets(model: nn.Module, target_modules: list[str] | str, kind=_is_linear) -> list[str]:

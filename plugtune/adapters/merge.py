@@ -6,6 +6,7 @@ from pathlib import Path
 from torch import nn
 
 from plugtune.adapters.layers import adapter_layers, merge_adapters, unwrap_merged
+from plugtune.models.quantize import quantization_of
 
 
 def fold_into_base(model: nn.Module, name: str = "default") -> nn.Module:
@@ -16,6 +17,11 @@ def fold_into_base(model: nn.Module, name: str = "default") -> nn.Module:
     if not_mergeable:
         raise ValueError(f"adapter '{name}' uses {', '.join(not_mergeable)}, which cannot be folded into the base "
                          "weights (it is non-linear or adds inputs); serve it unmerged instead")
+    scheme = quantization_of(model)
+    if scheme != "none":
+        raise ValueError(f"the base is quantized ({scheme}): folding adapter '{name}' into 8/4-bit weights would "
+                         "re-quantize them and add rounding error to every merged layer. Merge on the unquantized "
+                         "base (load it with quantize=none / without --quantize), then quantize the merged model")
     _untie_if_merging_shared_weights(model, name)
     merge_adapters(model, [name])
     return unwrap_merged(model)

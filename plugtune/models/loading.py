@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from plugtune.models.default_model import DEFAULT_MODEL, ensure_default_model
+from plugtune.models.quantize import check_scheme, quantize_model
 from plugtune.schema import ConfigError
 
 BUILTIN_MODELS = {DEFAULT_MODEL: ensure_default_model}
@@ -94,14 +95,19 @@ def load_tokenizer(name_or_path: str | Path):
     return tokenizer
 
 
-def load_base(name: str, dtype: str = "auto", device: str = "auto") -> LoadedModel:
+def load_base(name: str, dtype: str = "auto", device: str = "auto", quantize: str = "none") -> LoadedModel:
+    """The base model and tokenizer. `quantize` (none | int8 | int4 | nf4, models/quantize.py) stores the
+    linear layers' weights in 8 or 4 bits, for adapters trained or served on a frozen quantized base; the
+    weights are read in full precision, then quantized one layer at a time."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a sub-second weight load needs no progress bar
-    path = resolve_model_dir(name)
     dev = pick_device(device)
+    check_scheme(quantize, dev)  # before the load: a scheme this device cannot run fails fast
+    path = resolve_model_dir(name)
     model = _from_pretrained(AutoModelForCausalLM, path, pick_dtype(dtype, dev)).to(dev)
+    quantize_model(model, quantize)
     return LoadedModel(model=model, tokenizer=load_tokenizer(path), path=path, name=name)
 
 

@@ -53,6 +53,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
+    p.add_argument("--quantize", default="none", metavar="none|int8|int4|nf4",
+                   help="serve on a base whose linear weights are stored in 8 or 4 bits (nf4: CUDA + bitsandbytes)")
     p.add_argument("--force", action="store_true", help="load adapters made for another base")
     p.add_argument("--log-level", default="info")
 
@@ -77,7 +79,7 @@ def build_app(args):
                              max_tokens=args.max_tokens, max_concurrent=args.max_concurrent,
                              max_body_bytes=args.max_body_bytes, served_model_name=args.served_model_name)
     lm = load(args.model, adapter=adapters, dtype=args.dtype, device=args.device, force=args.force,
-              router=args.router)
+              router=args.router, quantize=args.quantize)
     return create_app(lm, settings), settings, lm
 
 
@@ -92,6 +94,8 @@ def startup_lines(args, settings, lm) -> list[str]:
         lines.append("  adapters: none loaded")
     lines.append(f"  run-time loading from: {', '.join(settings.adapter_dirs) or 'off (no --adapters-dir)'}")
     lines.append(f"  router ('auto'): {args.router or 'none'}")
+    if getattr(args, "quantize", "none") != "none":
+        lines.append(f"  base weights: {args.quantize} (quantized; adapters in fp32)")
     lines.append(f"  api key: {'required' if settings.api_key else 'none'}; max batch {settings.max_batch}, "
                  f"max concurrent {settings.max_concurrent}, max prompt tokens {settings.max_prompt_tokens}, "
                  f"max tokens {settings.max_tokens}")

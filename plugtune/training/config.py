@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from plugtune.adapters import registry
+from plugtune.models.quantize import SCHEMES
 from plugtune.schema import ConfigError, from_dict, read_yaml_mapping, to_dict  # noqa: F401  (re-exported)
 from plugtune.training.engine.settings import TrainingConfig
 from plugtune.training.recipes import RECIPES, multitask
@@ -41,6 +42,9 @@ class ModelConfig:
     name: str = "smollm2-135m"  # a built-in short name or a local Hugging Face model directory
     dtype: str = "auto"  # auto (fp32 on CPU, fp32 weights + bf16 autocast on CUDA) | float32 | bfloat16
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # A frozen quantized base for adapter training (QLoRA-style; models/quantize.py): none | int8 | int4
+    # (CPU or CUDA, plain PyTorch) | nf4 (CUDA, bitsandbytes, double quantization). Not with method=full.
+    quantize: str = "none"
     # Start from this saved adapter and continue training it (a pipeline stage after SFT); DPO, PPO and
     # GRPO then take a frozen copy of it as the reference policy. "" = a fresh adapter.
     adapter: str = ""
@@ -130,6 +134,7 @@ def validate_run_config(cfg: RunConfig) -> None:
         "data.packed_attention": (cfg.data.packed_attention, ("auto", "varlen", "mask")),
         "training.schedule": (cfg.training.schedule, ("cosine", "linear", "constant")),
         "model.dtype": (cfg.model.dtype, ("auto", "float32", "bfloat16")),
+        "model.quantize": (cfg.model.quantize, SCHEMES),
         "training.on_nonfinite": (cfg.training.on_nonfinite, ("stop", "skip")),
         "objective": (cfg.objective, tuple(RECIPES)),
     }
@@ -138,6 +143,10 @@ def validate_run_config(cfg: RunConfig) -> None:
             raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}")
     (multitask if cfg.adapters else RECIPES[cfg.objective]).check_config(cfg)  # the recipe's own section
     if not cfg.adapters:  # (a multi-task run's adapters are its recipe's to check)
+        if cfg.method == "full" and cfg.model.quantize != "none":
+            raise ConfigError(f"model.quantize={cfg.model.quantize} freezes the base in 8/4 bits, and method=full "
+                              "trains every base weight: use an adapter method (method=lora) on the quantized "
+                              "base, or model.quantize=none for full fine-tuning")
         if cfg.method == "full" and cfg.adapter:
             raise ConfigError("method=full trains every parameter: remove the 'adapter' section")
         if cfg.method != "full":

@@ -13,7 +13,7 @@ import torch
 
 from plugtune.training.config import RunConfig, to_dict
 from plugtune.inference.router import fit_router
-from plugtune.models.loading import LoadedModel, autocast_dtype
+from plugtune.models.loading import LoadedModel, autocast_dtype, load_base
 from plugtune.training.engine.checkpoint import check_output, publish, write_json, write_output
 from plugtune.training.engine.distributed import full_params, shard_model, shard_source, start
 from plugtune.training.engine.loop import FitResult, fit
@@ -44,6 +44,8 @@ class TrainReport:
 
 def _prepare(cfg: RunConfig, loaded: LoadedModel | None) -> Setup:
     """The recipe's setup; a multi-task run also publishes a router fitted on its adapters' prompts."""
+    if loaded is None and cfg.model.quantize != "none":  # every recipe then starts from the quantized base
+        loaded = load_base(cfg.model.name, cfg.model.dtype, cfg.model.device, cfg.model.quantize)
     if not cfg.adapters:
         return RECIPES[cfg.objective].prepare(cfg, loaded)
     setup = multitask.prepare(cfg, loaded)

@@ -70,7 +70,7 @@ class BottleneckAdapter(AdapterLayer):
         if bottleneck < 1:
             raise ValueError(f"reduction_factor {cfg.reduction_factor} leaves no bottleneck "
                              f"for hidden size {self.hidden}")
-        device = self.base_module.weight.device
+        device = self.base_device
         down = nn.Linear(self.hidden, bottleneck, device=device, dtype=torch.float32)
         up = nn.Linear(bottleneck, self.hidden, device=device, dtype=torch.float32)
         nn.init.normal_(down.weight, std=INIT_STD)

@@ -69,7 +69,7 @@ class IA3Linear(AdapterLayer):
 
     def add_adapter(self, name: str, cfg: IA3Config, feedforward: bool) -> None:
         shape = (1, self.in_features) if feedforward else (self.out_features, 1)  # PEFT's shapes
-        device = self.base_module.weight.device
+        device = self.base_device
         init = torch.ones if cfg.init_ia3_weights else torch.randn
         self.ia3_l[name] = nn.Parameter(init(shape, device=device, dtype=torch.float32))
         self.is_feedforward[name] = feedforward
@@ -115,7 +115,7 @@ class IA3Linear(AdapterLayer):
         """An output scale also scales the bias: (W x + b) * l = (l W) x + l b."""
         bias = getattr(self.base_module, "bias", None)
         if name not in self.merged:
-            self.check_inner_merged(name)  # before touching the bias: a refused merge changes nothing
+            self.check_can_merge(name)  # before touching the bias: a refused merge changes nothing
         if name not in self.merged and not self.is_feedforward[name] and bias is not None:
             if self._original_bias is None:
                 self._original_bias = bias.data.clone()

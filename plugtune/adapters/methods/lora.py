@@ -19,6 +19,7 @@ from plugtune.adapters.layers import AdapterLayer, find_targets, is_conv1d, line
 from plugtune.adapters.mixed import rows_view
 from plugtune.adapters.registry import AdapterMethod, register
 from plugtune.adapters.targets import resolve_attention_targets
+from plugtune.models.quantize import QuantizedLinear
 
 
 @dataclass
@@ -83,9 +84,9 @@ class LoraLinear(AdapterLayer):
         self._stack_plan = None  # the row plan the stack was last checked for
 
     def add_adapter(self, name: str, cfg: LoraConfig) -> None:
-        w = self.base_module.weight
-        a = nn.Linear(self.in_features, cfg.r, bias=False, device=w.device, dtype=torch.float32)
-        b = nn.Linear(cfg.r, self.out_features, bias=False, device=w.device, dtype=torch.float32)
+        device = self.base_device
+        a = nn.Linear(self.in_features, cfg.r, bias=False, device=device, dtype=torch.float32)
+        b = nn.Linear(cfg.r, self.out_features, bias=False, device=device, dtype=torch.float32)
         nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))  # PEFT's default init for A
         nn.init.zeros_(b.weight)
         self.lora_A[name], self.lora_B[name] = a, b
@@ -104,6 +105,7 @@ class LoraLinear(AdapterLayer):
         self._stack_key = self._stack = self._stack_plan = None
 
     def weight_out_in(self) -> torch.Tensor:
+        """The base weight as (out, in); on a quantized base, this one layer's weight dequantized now."""
         w = self.base_module.weight
         return w.T if self.fan_in_fan_out else w
 
@@ -236,7 +238,7 @@ class LoraEmbedding(AdapterLayer):
 
 
 def _linear_or_embedding(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Embedding, nn.Linear)) or is_conv1d(module)
+    return isinstance(module, (nn.Embedding, nn.Linear, QuantizedLinear)) or is_conv1d(module)
 
 
 def attach_lora(model: nn.Module, cfg: LoraConfig, name: str) -> tuple[list[str], LoraConfig]:

@@ -41,7 +41,7 @@ REFERENCE = "reference"  # the adapter name of the frozen reference policy when 
 def prepare_model(cfg: RunConfig, loaded: LoadedModel | None = None) -> LoadedModel:
     """The base with the trainable policy: a fresh adapter named 'default', the saved adapter
     model.adapter to continue, or every weight (method=full)."""
-    loaded = loaded or load_base(cfg.model.name, cfg.model.dtype, cfg.model.device)
+    loaded = loaded or load_base(cfg.model.name, cfg.model.dtype, cfg.model.device, cfg.model.quantize)
     if cfg.method == "full":
         for p in loaded.model.parameters():
             p.requires_grad_(True)

@@ -193,7 +193,7 @@ def save_tasks(model: nn.Module, cfg: RunConfig, out: Path) -> Path:
 
 
 def prepare(cfg: RunConfig, loaded: LoadedModel | None = None) -> Setup:
-    loaded = loaded or load_base(cfg.model.name, cfg.model.dtype, cfg.model.device)
+    loaded = loaded or load_base(cfg.model.name, cfg.model.dtype, cfg.model.device, cfg.model.quantize)
     tasks, eval_batches, prompts, notes = load_tasks(cfg, loaded.tokenizer)
     print("[plugtune] train data: " + "; ".join(notes))
     torch.manual_seed(cfg.training.seed)
