@@ -279,6 +279,37 @@ def test_adapter_only_refuses_lora_on_embeddings_and_lm_head(model_dir, tmp_path
     assert not (tmp_path / "x.gguf").exists()
 
 
+def test_merged_export_of_lora_on_the_embedding_unties_the_head(model_dir, tmp_path):
+    """LoRA on embed_tokens changes the input side only: the merge unties the head, and the GGUF then
+    carries output.weight (llama.cpp would otherwise reuse the changed token_embd as the head)."""
+    adapter = _make_adapter(model_dir, tmp_path / "emb", cfg={"r": 4, "target_modules": ["q_proj", "embed_tokens"]})
+    out = export_gguf(tmp_path / "m.gguf", model=str(model_dir), adapter=adapter, quant="f32").path
+    assert "output.weight" in {t.name for t in gguf.GGUFReader(out).tensors}
+    lm = load_base(str(model_dir), "float32", "cpu")
+    from plugtune.adapters.io import load_adapter
+
+    load_adapter(lm.model, adapter)
+    fold_into_base(lm.model)
+    got = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=out.name, dtype=torch.float32).eval()
+    torch.testing.assert_close(_logits(got, lm.tokenizer), _logits(lm.model.eval(), lm.tokenizer), rtol=0, atol=0)
+
+
+def test_cli_writes_model_modelfile_and_lora(model_dir, lora_dir, tmp_path, capsys):
+    assert main(["export", "--format", "gguf", "--model", str(model_dir), "--adapter", str(lora_dir),
+                 "--out", str(tmp_path / "m.gguf"), "--quant", "q4_0", "--ollama"]) == 0
+    assert main(["export", "--model", str(model_dir), "--adapter", str(lora_dir), "--adapter-only",
+                 "--out", str(tmp_path / "lora.gguf")]) == 0
+    printed = capsys.readouterr().out
+    assert "model written to" in printed and "Modelfile written to" in printed and "--lora" in printed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lora.gguf", "m.Modelfile", "m.gguf"]
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors}
+    assert types["blk.0.attn_q.weight"] == "Q4_0" and types["token_embd.weight"] == "Q8_0"
+    assert types["blk.0.attn_norm.weight"] == "F32"
+    assert main(["export", "--model", str(model_dir), "--adapter", str(lora_dir), "--adapter-only", "--quant",
+                 "q4_0", "--out", str(tmp_path / "l2.gguf")]) == 2
+    assert "f32 or f16" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_default_model_round_trip(tmp_path):
     """SmolLM2-135M with a LoRA: the f32 GGUF gives the merged model's logits in transformers, and the
