@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -24,6 +25,9 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # plugtune from this checkout, installed or not
 
 SHAPES = [(576, 576), (1536, 576), (576, 1536), (49152, 576)]
 ROWS = [1, 8, 512]

@@ -22,6 +22,7 @@ from plugtune.adapters.layers import (adapter_layers, adapter_names, adapter_sta
 from plugtune.adapters.registry import AdapterMethod, available_methods, get_method, method_from_saved
 from plugtune.adapters.modules_to_save import attach_modules_to_save, remove_modules_to_save
 from plugtune.models.loading import WeightsFileError, read_safetensors
+from plugtune.models.quantize import quantized_layers
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -110,7 +111,11 @@ def base_fingerprint(model: nn.Module) -> dict[str, str]:
     arch = {k: cfg[k] for k in keep if k in cfg}
     config_hash = hashlib.sha256(json.dumps(arch, sort_keys=True).encode()).hexdigest()[:16]
     h = hashlib.sha256()
-    for pname, p in sorted(base_parameters(model).items()):
+    tensors = dict(base_parameters(model))
+    for lname, layer in quantized_layers(model):  # a quantized base hashes as the base it was made from
+        for key, t in layer.fingerprint_tensors().items():
+            tensors[f"{lname.replace('.base_layer', '')}.{key}"] = t
+    for pname, p in sorted(tensors.items()):
         h.update(pname.encode())
         sample = p.detach().reshape(-1)[:4096].to("cpu", torch.bfloat16).view(torch.int16)
         h.update(sample.numpy().tobytes())

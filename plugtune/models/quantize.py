@@ -28,6 +28,7 @@ from torch.nn import functional as F
 
 SCHEMES = ("none", "int8", "int4", "nf4")
 INT4_GROUP = 64
+FINGERPRINT_VALUES = 4096
 # Devices whose kernels each scheme has here (the CPU schemes are plain PyTorch ops that run on CUDA too).
 KERNEL_DEVICES = {"int8": ("cpu", "cuda"), "int4": ("cpu", "cuda"), "nf4": ("cuda",)}
 # One row against a weight larger than this (elements) uses aten._weight_int8pack_mm (faster there, measured).
@@ -76,6 +77,12 @@ class _QuantizedMatmul(torch.autograd.Function):
         return grad_out @ weight, None
 
 
+def fingerprint_sample(weight: torch.Tensor) -> torch.Tensor:
+    """The first FINGERPRINT_VALUES values of a weight in its stored layout, as bf16: what an adapter's base
+    fingerprint hashes (adapters/io.base_fingerprint), kept so a quantized base fingerprints as the original."""
+    return weight.detach().reshape(-1)[:FINGERPRINT_VALUES].to("cpu", torch.bfloat16).clone()
+
+
 class QuantizedLinear(nn.Module):
     """Common part of the quantized layers: shapes, bias, forward, the read-only `weight` view."""
 
@@ -85,6 +92,11 @@ class QuantizedLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self.weight_sample: torch.Tensor | None = None  # fingerprint_sample of the original weight (not saved)
+
+    def fingerprint_tensors(self) -> dict[str, torch.Tensor]:
+        """What stands for this layer's original parameters in a base fingerprint."""
+        return {"weight": self.weight_sample, **({} if self.bias is None else {"bias": self.bias})}
 
     @property
     def weight(self) -> torch.Tensor:
@@ -114,6 +126,7 @@ class Int8Linear(QuantizedLinear):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         out_features, in_features = weight.shape
         super().__init__(in_features, out_features, bias)
+        self.weight_sample = fingerprint_sample(weight)
         w = weight.detach().float()
         scales = (w.abs().amax(dim=1) / 127).clamp_min(torch.finfo(torch.float32).tiny)  # (out,)
         self.register_buffer("qweight", torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8))
@@ -143,6 +156,7 @@ class Int4Linear(QuantizedLinear):
             raise QuantizationError(f"int4 needs in_features ({in_features}) to be a multiple of the group size "
                                     f"({group_size}); use quantize=int8 for this model")
         super().__init__(in_features, out_features, bias)
+        self.weight_sample = fingerprint_sample(weight)
         self.group_size = group_size
         g = weight.detach().float().reshape(out_features, in_features // group_size, group_size)
         lo = g.amin(dim=-1)
@@ -172,6 +186,7 @@ class NF4Linear(QuantizedLinear):
 
         out_features, in_features = weight.shape
         super().__init__(in_features, out_features, bias)
+        self.weight_sample = fingerprint_sample(weight)
         inner = bnb.nn.Linear4bit(in_features, out_features, bias=False, compute_dtype=torch.bfloat16,
                                   compress_statistics=True, quant_type="nf4", device="cpu")
         inner.weight = bnb.nn.Params4bit(weight.detach().to("cpu", torch.float32), requires_grad=False,
@@ -223,6 +238,7 @@ def quantize_model(model: nn.Module, scheme: str, *, skip: tuple[str, ...] = ("l
         parent = model.get_submodule(parent_name) if parent_name else model
         with torch.no_grad():
             new = layer_cls(_linear_weight(module), module.bias)
+        new.weight_sample = fingerprint_sample(module.weight)  # Conv1D: its own (in, out) layout
         setattr(parent, child, new)
     return model
 
