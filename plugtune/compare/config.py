@@ -98,6 +98,7 @@ class CompareConfig:
     eval: EvalSpec = field(default_factory=EvalSpec)
     retention: RetentionSpec = field(default_factory=RetentionSpec)
     sft_then_dpo: SFTThenDPOSpec = field(default_factory=SFTThenDPOSpec)
+    seeds: int = 1  # each run repeated with training seeds seed, seed+1, ...: figures are the mean +- spread
     isolate: bool = True  # each main run in its own process: honest peak memory (see the module docstring)
     keep_checkpoints: bool = False  # False: delete checkpoints/ (optimizer state) and data-sweep artifacts
     out: str = "runs/compare"
@@ -211,10 +212,33 @@ def validate_compare_config(cfg: CompareConfig) -> None:
             raise ConfigError(f"sft_then_dpo: {exc}") from exc
     if cfg.eval.n < 1 or cfg.retention.n < 0:
         raise ConfigError("eval.n must be >= 1 and retention.n >= 0")
+    if cfg.seeds < 1:
+        raise ConfigError(f"seeds={cfg.seeds}: give the number of seeds per run, >= 1")
+
+
+def check_budget_fits(cfg: CompareConfig, n_train: int, n_heldout: int) -> None:
+    """The budget against the data, before anything trains: a batch larger than the training set, a sweep
+    size smaller than one batch or larger than the training set, more held-out items than the file has."""
+    b, batch = cfg.budget, cfg.budget.batch_size * cfg.budget.grad_accum
+    if batch > n_train:
+        raise ConfigError(f"budget: batch_size x grad_accum = {batch} examples per step, but the training file has "
+                          f"only {n_train}: lower budget.batch_size (or give more training data)")
+    for size in cfg.data_sweep.sizes:
+        if size == "all":
+            continue
+        if size > n_train:
+            raise ConfigError(f"data_sweep.sizes: {size} examples, but the training file has only {n_train}: "
+                              f"use a size <= {n_train}, or 'all'")
+        if size < b.batch_size:
+            raise ConfigError(f"data_sweep.sizes: {size} examples is less than one batch ({b.batch_size}): every "
+                              f"batch would repeat examples within a step; use sizes >= {b.batch_size} or a smaller "
+                              "budget.batch_size")
+    if cfg.eval.n > n_heldout:
+        raise ConfigError(f"eval.n={cfg.eval.n}, but the held-out file has only {n_heldout} examples: lower eval.n")
 
 
 def method_run_config(cfg: CompareConfig, spec: MethodSpec, steps: int, out_dir: str | Path,
-                      train_file: str | None = None):
+                      train_file: str | None = None, seed_offset: int = 0):
     """The run config of one method: the base, the method's keys, the shared budget; evaluation is
     compare's own (data.eval off), no resume, no progress bar."""
     raw = copy.deepcopy(cfg.base)
@@ -225,6 +249,7 @@ def method_run_config(cfg: CompareConfig, spec: MethodSpec, steps: int, out_dir:
                 "grad_accum": cfg.budget.grad_accum, "progress": False, "eval_every": 0, "save_every": 0}
     if spec.lr:
         training["lr"] = spec.lr
+    training["seed"] = training.get("seed", 0) + seed_offset
     raw["training"] = training
     raw["output"] = {**raw.get("output", {}), "dir": str(out_dir), "resume": "never"}
     run = from_dict(RunConfig, raw, where="config")
@@ -232,7 +257,8 @@ def method_run_config(cfg: CompareConfig, spec: MethodSpec, steps: int, out_dir:
     return run
 
 
-def dpo_run_config(cfg: CompareConfig, pairs_file: str | Path, out_dir: str | Path, model_name: str | None = None):
+def dpo_run_config(cfg: CompareConfig, pairs_file: str | Path, out_dir: str | Path, model_name: str | None = None,
+                   seed_offset: int = 0):
     d = cfg.sft_then_dpo
     raw = copy.deepcopy(cfg.base)
     raw.update(objective="dpo", method=d.method, adapter=dict(d.adapter), dpo=dict(d.dpo))
@@ -242,7 +268,8 @@ def dpo_run_config(cfg: CompareConfig, pairs_file: str | Path, out_dir: str | Pa
     if model_name:
         raw["model"] = {**raw.get("model", {}), "name": model_name}
     raw["training"] = {**raw.get("training", {}), "max_steps": d.max_steps, "batch_size": d.batch_size,
-                       "grad_accum": 1, "lr": d.lr, "progress": False, "eval_every": 0, "save_every": 0}
+                       "grad_accum": 1, "lr": d.lr, "progress": False, "eval_every": 0, "save_every": 0,
+                       "seed": raw.get("training", {}).get("seed", 0) + seed_offset}
     raw["output"] = {**raw.get("output", {}), "dir": str(out_dir), "resume": "never"}
     run = from_dict(RunConfig, raw, where="config")
     validate_run_config(run)

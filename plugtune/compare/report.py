@@ -1,15 +1,26 @@
-"""Rendering of `plugtune compare`: report.json (every number), report.md (the measured table, the usual
-summary in words beside what was measured, the data-size table, notes) and three PNG plots."""
+"""Rendering of `plugtune compare` into its report directory (the layout other tools read, e.g. a web UI):
+
+    report.md              the report: the pick guide, the cost / data / control table with intervals, the
+                           significant differences, the data sweep, the usual summary beside the measured
+                           one, the plots (embedded by file name), notes, how it was measured, the machine
+    report.json            every number: settings, machine, base, rows (over seeds), per_seed, sweep,
+                           sweep_per_seed, tests, separation, data_column, guide, plots (file names)
+    loss_curves.png        training loss of every method (seeds as thin lines) and the DPO stage
+    quality_vs_params.png  exact match, held-out loss and forgetting against trainable parameters, 95% intervals
+    quality_vs_examples.png  exact match against distinct training examples (when there is a data sweep)
+    runs/, sweep/, data/   the runs themselves (each with compare_result.json: what a resumed compare keeps)
+"""
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
+
+from plugtune.compare.guide import guide_markdown
+from plugtune.compare.stats import BOOTSTRAP_SAMPLES
 
 # The usual summary, in words: (cost, data, control).
 USUAL = {
@@ -49,69 +60,6 @@ def machine_info() -> dict:
 # ---------------------------------------------------------------- rows of the report
 
 
-def dir_bytes(path: str | Path) -> int:
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
-
-
-def train_records(run_dir: Path) -> list[dict]:
-    # Read directly: MetricsLog(path) starts a new log, deleting the file it is given.
-    path = run_dir / "metrics.jsonl"
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
-    return [r for r in records if r.get("kind") == "train"]
-
-
-def loss_curve(run_dir: Path) -> list[list[float]]:
-    return [[r["step"], r["loss"]] for r in train_records(run_dir)]
-
-
-def method_row(name: str, family: str, method: str, run, result: dict, base_params: int, run_dir: Path) -> dict:
-    tr, mem = result["train"], result["memory"]
-    steps, t = tr["steps"], run.training
-    examples = steps * t.batch_size * t.grad_accum
-    trainable = tr["trainable_params"]
-    return {
-        "name": name, "family": family, "method": method, "adapter": run.adapter, "lr": t.lr, "steps": steps,
-        "batch_size": t.batch_size, "grad_accum": t.grad_accum, "trainable_params": trainable,
-        "base_params": base_params, "trainable_pct": 100 * trainable / base_params,
-        "peak_memory_mb": mem["peak_mb"], "memory_over_base_mb": (mem["peak_mb"] - mem["after_load_mb"])
-        if mem["measured"] else None, "memory_measured": mem["measured"],
-        "train_seconds": tr["train_seconds"], "seconds_per_step": tr["train_seconds"] / steps,
-        "examples_per_second": examples / tr["train_seconds"], "tokens_per_second": tr["tokens_per_second"],
-        "checkpoint_bytes": dir_bytes(tr["artifact"]), "checkpoint": tr["artifact"],
-        "heldout_loss": result["heldout_loss"], "exact_match": result["exact_match"], "correct": result["correct"],
-        "total": result["total"], "retention_loss": result.get("retention_loss"),
-        "eval_seconds": result["eval_seconds"],
-        "data": tr["data"], "samples": result["samples"], "run_dir": str(run_dir), "loss_curve": loss_curve(run_dir),
-    }
-
-
-def dpo_row(d, sft: dict, run, result: dict, base_params: int, run_dir: Path) -> dict:
-    """SFT -> DPO as one row: parameters, time and checkpoint of both stages; memory the larger peak;
-    throughput of the DPO stage (completion tokens of chosen and rejected); quality of the final model."""
-    method = f"{sft['method']} → dpo ({run.method})"
-    row = method_row(d.name, "instruction tuning", method, run, result, base_params, run_dir)
-    dpo = {k: row[k] for k in ("trainable_params", "train_seconds", "checkpoint_bytes", "checkpoint", "steps", "lr",
-                               "peak_memory_mb", "memory_over_base_mb", "adapter")}
-    trainable = sft["trainable_params"] + dpo["trainable_params"]
-    measured = row["memory_measured"]
-    row.update(
-        trainable_params=trainable, trainable_pct=100 * trainable / base_params,
-        train_seconds=sft["train_seconds"] + result["pairs_seconds"] + dpo["train_seconds"],
-        tokens_per_second=result["supervised_tokens"] / dpo["train_seconds"],
-        checkpoint_bytes=sft["checkpoint_bytes"] + dpo["checkpoint_bytes"],
-        peak_memory_mb=max(sft["peak_memory_mb"], dpo["peak_memory_mb"]) if measured else None,
-        memory_over_base_mb=max(sft["memory_over_base_mb"], dpo["memory_over_base_mb"]) if measured else None,
-        stages={"sft": sft["name"], "pairs": result["pairs"], "rejected_from_model": result["rejected_from_model"],
-                "pairs_seconds": result["pairs_seconds"], "dpo": dpo, "dpo_config": asdict(run.dpo)})
-    return row
-
-
-def sweep_point(name: str, n: int, n_train: int, row: dict, reused: bool) -> dict:
-    keys = ("steps", "batch_size", "exact_match", "correct", "total", "heldout_loss", "train_seconds")
-    return {"method": name, "examples": n, "all": n == n_train, "reused_main_run": reused,
-            "epochs": row["steps"] * row["batch_size"] * row["grad_accum"] / n, **{k: row[k] for k in keys}}
-
-
 # ---------------------------------------------------------------- formatting helpers
 
 
@@ -119,9 +67,28 @@ def _pct(x: float | None) -> str:
     return "—" if x is None else f"{100 * x:.1f}%"
 
 
-def _se(p: float, n: int) -> float:
-    """Standard error of an accuracy over n examples, in points."""
-    return 100 * math.sqrt(max(p * (1 - p), 0.0) / max(n, 1))
+def _ci_pct(ci) -> str:
+    return "" if not ci else f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
+
+
+def _em(r: dict, bold: bool = False) -> str:
+    core = f"**{_pct(r['exact_match'])}**" if bold else _pct(r["exact_match"])
+    spread = f" ± {100 * r['exact_match_spread']:.1f}" if r.get("seeds", 1) > 1 else ""
+    return core + spread + _ci_pct(r.get("exact_match_ci"))
+
+
+def _loss(r: dict) -> str:
+    spread = f" ± {r['heldout_loss_spread']:.3f}" if r.get("seeds", 1) > 1 else ""
+    ci = r.get("heldout_loss_ci")
+    return f"{r['heldout_loss']:.3f}{spread}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+
+
+def _forget(r: dict) -> str:
+    if r.get("forgetting") is None:
+        return "—"
+    lo, hi = r["forgetting_ci"]
+    mark = " ↑" if lo > 0 else " ↓" if hi < 0 else ""
+    return f"{r['forgetting']:+.3f} [{lo:+.3f}, {hi:+.3f}]{mark}"
 
 
 def _mb(b: float | None) -> str:
@@ -152,24 +119,61 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 # ---------------------------------------------------------------- the tables
 
 
-def measured_table(report: dict) -> str:
-    base, full = report["base"], _full_row(report)
-    header = ["method", "trainable params", "% of base", "peak memory MB (+ over base)", "train s", "s/step", "ex/s",
-              "tok/s", "checkpoint MB", "held-out loss", "exact match", "vs full", "general-text loss (Δ)"]
-    rows = [["base model (no training)", "0", "0", *["—"] * 6, f"{base['heldout_loss']:.3f}",
-             f"{_pct(base['exact_match'])} ± {_se(base['exact_match'], base['total']):.1f}", "",
-             _num(base["retention_loss"], ".3f")]]
+def cost_data_control_table(report: dict) -> str:
+    """The seed's table, measured: cost (parameters, memory, time, disk), data (smallest sweep size reaching
+    90% of the method's best exact match), control (quality at the full budget with intervals, forgetting)."""
+    base, data = report["base"], report.get("data_column", {})
+    header = ["method", "trainable params (% of base)", "peak memory MB (+ over base)", "train s", "disk MB",
+              "data: examples to 90% of best", "exact match [95% CI]", "held-out loss [95% CI]",
+              "forgetting: Δ general-text loss [95% CI]"]
+    rows = [["base model (no training)", "0", "—", "—", "—", "—", _em(base), _loss(base),
+             f"({_num(base.get('retention_loss'), '.3f')})"]]
     for r in report["rows"]:
         memory = "—" if r["peak_memory_mb"] is None else \
             f"{r['peak_memory_mb']:,.0f} (+{r['memory_over_base_mb']:,.0f})"
-        gap = "" if full is None or r is full else f"{100 * (r['exact_match'] - full['exact_match']):+.1f} pt"
-        retention = "—" if r["retention_loss"] is None else (
-            f"{r['retention_loss']:.3f} ({r['retention_loss'] - base['retention_loss']:+.3f})")
-        rows.append([r["name"], f"{r['trainable_params']:,}", f"{r['trainable_pct']:.3f}%", memory,
-                     f"{r['train_seconds']:.0f}", f"{r['seconds_per_step']:.2f}", f"{r['examples_per_second']:.2f}",
-                     f"{r['tokens_per_second']:.1f}", _mb(r["checkpoint_bytes"]), f"{r['heldout_loss']:.3f}",
-                     f"**{_pct(r['exact_match'])}** ± {_se(r['exact_match'], r['total']):.1f}", gap, retention])
+        d = data.get(r["name"])
+        if d is None:
+            cell = "not swept"
+        elif d["examples"] is None:
+            cell = f"none (0% at every size up to {d['best_at']})"
+        else:
+            cell = f"{d['examples']} ({_pct(d['exact_match'])} of best {_pct(d['best'])})"
+        seconds = f"{r['train_seconds']:.0f}" + (f" ± {r['train_seconds_spread']:.0f}" if r.get("seeds", 1) > 1 else "")
+        rows.append([r["name"], f"{r['trainable_params']:,} ({r['trainable_pct']:.3g}%)", memory, seconds,
+                     _mb(r["checkpoint_bytes"]), cell, _em(r, bold=True), _loss(r), _forget(r)])
     return _table(header, rows)
+
+
+def significance_text(report: dict) -> str:
+    """Which differences between methods are real, and how that was decided."""
+    tests, rows = report["tests"], report["rows"]
+    if not tests:
+        return "One method: nothing to compare."
+    seeds = rows[0].get("seeds", 1)
+    n_items = report["base"]["total"]
+    chain = report["separation"]["exact_match"]
+    loss_chain = report["separation"]["heldout_loss"]
+    lines = [
+        f"Tests: exact match, the exact McNemar test on the same {n_items} held-out items"
+        + (f" (× {seeds} seeds: pairs are (item, seed))" if seeds > 1 else "")
+        + f"; held-out loss, a paired bootstrap over items ({BOOTSTRAP_SAMPLES} resamples, each item's seeds "
+        f"resampled together). {len(tests)} pairs per measure, Holm-corrected (family-wise α = 0.05): a "
+        "difference marked significant stays so after correcting for looking at every pair. Forgetting: a paired "
+        "bootstrap of each method's general-text loss against the base's on the same items (↑: significant rise).",
+        f"**Exact match separates {len(chain)} method{'s' if len(chain) != 1 else ''}** in a chain where each is "
+        f"significantly above the next: {' > '.join(chain)}. Held-out loss separates {len(loss_chain)}: "
+        f"{' < '.join(loss_chain)}.",
+    ]
+    header = ["A", "B", "exact match B − A", "only A / only B right", "p (Holm)", "held-out loss B − A [95% CI]",
+              "p (Holm)"]
+    body = []
+    for t in tests:
+        e, l_ = t["exact_match"], t["heldout_loss"]
+        body.append([t["a"], t["b"], f"{100 * e['diff']:+.1f} pt" + (" *" if e["significant"] else ""),
+                     f"{e['a_only']} / {e['b_only']}", f"{e['p_holm']:.2g}",
+                     f"{l_['diff']:+.3f} [{l_['ci'][0]:+.3f}, {l_['ci'][1]:+.3f}]" + (" *" if l_["significant"] else ""),
+                     f"{l_['p_holm']:.2g}"])
+    return "\n\n".join(lines + [_table(header, body), "`*`: significant after Holm's correction."])
 
 
 def qualitative_table(report: dict) -> str:
@@ -213,10 +217,14 @@ def sweep_table(report: dict) -> str:
         cells = []
         for n in sizes:
             p = next((p for p in report["sweep"] if p["method"] == name and p["examples"] == n), None)
-            cells.append("—" if p is None else f"{_pct(p['exact_match'])} (loss {p['heldout_loss']:.3f}, "
-                                               f"{p['epochs']:.3g} ep)")
+            cells.append("—" if p is None else _sweep_cell(p))
         rows.append([name] + cells)
     return _table(header, rows)
+
+
+def _sweep_cell(p: dict) -> str:
+    loss = "" if p["heldout_loss"] is None else f"loss {p['heldout_loss']:.3f}, "
+    return f"{_em(p)} ({loss}{p['epochs']:.3g} ep)"
 
 
 def landing_text(report: dict) -> str:
@@ -225,16 +233,11 @@ def landing_text(report: dict) -> str:
     lines = ["In the LoRA paper (Hu et al., 2021) and in PEFT's MetaMathQA method comparison, LoRA lands within "
              "about 1 point of full fine-tuning."]
     if full and lora:
-        n = full["total"]
-        se = math.sqrt(_se(full["exact_match"], n) ** 2 + _se(lora["exact_match"], lora["total"]) ** 2)
+        t = next(t for t in report["tests"] if {t["a"], t["b"]} == {full["name"], lora["name"]})["exact_match"]
         lines.append(f"Here, at {full['steps']} steps × batch {full['batch_size'] * full['grad_accum']}, "
-                     f"{lora['name']} scores {_pct(lora['exact_match'])} against full fine-tuning's "
-                     f"{_pct(full['exact_match'])}: {100 * (lora['exact_match'] - full['exact_match']):+.1f} points "
-                     f"(standard error of the difference about {se:.1f} points on {n} examples).")
-    if full:
-        ordered = sorted((r for r in report["rows"] if r is not full), key=lambda r: -r["exact_match"])
-        lines.append("Every row against full fine-tuning: " + ", ".join(
-            f"{r['name']} {100 * (r['exact_match'] - full['exact_match']):+.1f}" for r in ordered) + " points.")
+                     f"{lora['name']} scores {_em(lora)} against full fine-tuning's {_em(full)}: "
+                     f"{100 * (lora['exact_match'] - full['exact_match']):+.1f} points, "
+                     f"{'significant' if t['significant'] else 'not significant'} (McNemar p={t['p_holm']:.2g}, Holm).")
     lines.append("A short budget on a small model measures how fast each method learns the task, not what it "
                  "reaches at convergence; the papers' comparisons train to convergence.")
     return " ".join(lines)
@@ -280,12 +283,18 @@ def how_measured(report: dict) -> str:
         "- Checkpoint MB: the bytes of the result directory (adapter/ or, for full fine-tuning, model/ with its "
         "tokenizer); not the resumable checkpoints/ with optimizer state.",
         f"- Held-out: the first {s['eval']['n']} examples of the test file; exact match is greedy, at most "
-        f"{s['eval']['max_new_tokens']} new tokens, surrounding whitespace ignored, ± one standard error; the loss "
-        "is per answer token.",
+        f"{s['eval']['max_new_tokens']} new tokens, surrounding whitespace ignored, with its 95% Wilson interval on "
+        "the pooled items (× seeds); the loss is per answer token, with a 95% percentile-bootstrap interval over "
+        "items. With several seeds, `±` is the sample standard deviation over seeds.",
         f"- General-text loss (retention): {retention}, first {s['retention']['n']}, before (the base) and after; "
         "a rise means the model lost some of what it knew (forgetting).",
         "- Data sweep: the first N training examples, the same steps and batch: N below the examples seen repeats "
-        "them (ep = epochs); the `all` point is the main run when its steps are the same.",
+        "them (ep = epochs); the `all` point is the main run when its steps are the same. The data column is the "
+        "smallest N whose exact match reaches 90% of the method's best over the sweep.",
+        f"- Executor: {report['executor']['name']}"
+        + (f" at {report['executor']['address']}" if report["executor"].get("address") else "")
+        + f", {report['executor']['cpus_per_run']:g} CPU threads per run; every run has its own training seed "
+        "(the base config's seed + the seed index), so where it runs does not change its numbers.",
     ])
 
 
@@ -301,22 +310,28 @@ def render_markdown(report: dict) -> str:
     s, base, m = report["settings"], report["base"], report["machine"]
     budget = (f"{s['budget']['max_steps']} steps" if s["budget"]["max_steps"] else
               f"about {s['budget']['seconds']:g} s of training each (steps from a timed calibration)")
+    seeds = f", {s['seeds']} seeds each" if s.get("seeds", 1) > 1 else ""
     parts = [
         f"# plugtune compare{': ' + report['title'] if report['title'] else ''}",
         f"Base `{base['model']}` ({base['params']:,} parameters); training data `{s['base']['data']['train']}` "
         f"({report['train_examples']:,} examples); budget {budget} × batch "
-        f"{s['budget']['batch_size'] * s['budget']['grad_accum']} for every method; "
+        f"{s['budget']['batch_size'] * s['budget']['grad_accum']} for every method{seeds}; "
         f"{base['total']} held-out examples. Total {report['total_seconds'] / 60:.1f} min.",
         f"```\n{report['command'] or '(run from Python)'}\n```",
-        "## Measured", measured_table(report),
-        "## The usual summary beside the measured one", qualitative_table(report),
-        "Every row trains on the same instructions with the loss on the answers; the families differ in what "
-        "trains. The instruction-tuning row is SFT followed by preference optimisation (DPO), which shapes "
-        "behaviour on top of the SFT model.",
+        "## Which do I pick", guide_markdown(report.get("guide", [])),
+        "## Cost / data / control, measured", cost_data_control_table(report),
+        "Intervals are 95%: Wilson for exact match, bootstrap over the held-out items for the losses and for "
+        "forgetting (the change of the loss on general text the task never trains, against the base; ↑ a "
+        "significant rise, ↓ a significant fall).",
+        "## Which differences are significant", significance_text(report),
     ]
     if report["sweep"]:
         parts += ["## Data: exact match against the number of distinct training examples", sweep_table(report)]
-    parts += ["## Where the methods land", landing_text(report), "## Plots"]
+    parts += ["## The usual summary beside the measured one", qualitative_table(report),
+              "Every row trains on the same instructions with the loss on the answers; the families differ in what "
+              "trains. The instruction-tuning row is SFT followed by preference optimisation (DPO), which shapes "
+              "behaviour on top of the SFT model.",
+              "## Where the methods land", landing_text(report), "## Plots"]
     parts += [f"![{p}]({p})" for p in report.get("plots", [])]
     parts += ["## Notes per method", method_notes(report), "## How it was measured", how_measured(report),
               "## Machine",
@@ -333,20 +348,29 @@ def render_markdown(report: dict) -> str:
 def print_summary(report: dict) -> None:
     base = report["base"]
     print(f"\n== plugtune compare: {report['title'] or base['model']} ==")
-    print(f"{'method':<20} {'trainable':>12} {'% base':>8} {'peak MB':>8} {'train s':>8} {'ckpt MB':>8} "
-          f"{'loss':>6} {'exact':>7} {'retention':>9}")
-    print(f"{'base':<20} {0:>12,} {0:>8} {'':>8} {'':>8} {'':>8} {base['heldout_loss']:>6.3f} "
-          f"{_pct(base['exact_match']):>7} {_num(base['retention_loss'], '.3f'):>9}")
+    print(f"{'method':<20} {'trainable':>12} {'peak MB':>8} {'train s':>8} {'ckpt MB':>8} {'loss':>6} "
+          f"{'exact match [95% CI]':>24} {'forgetting':>10}")
+    print(f"{'base':<20} {0:>12,} {'':>8} {'':>8} {'':>8} {base['heldout_loss']:>6.3f} {_em(base):>24}")
     for r in report["rows"]:
-        print(f"{r['name'][:20]:<20} {r['trainable_params']:>12,} {r['trainable_pct']:>7.3f}% "
-              f"{_num(r['peak_memory_mb'], ',.0f'):>8} {r['train_seconds']:>8.0f} {_mb(r['checkpoint_bytes']):>8} "
-              f"{r['heldout_loss']:>6.3f} {_pct(r['exact_match']):>7} {_num(r['retention_loss'], '.3f'):>9}")
-    print("\nthe usual summary (cost / data / control): " + "; ".join(
-        f"{family}: {' / '.join(words)}" for family, words in USUAL.items()))
+        print(f"{r['name'][:20]:<20} {r['trainable_params']:>12,} {_num(r['peak_memory_mb'], ',.0f'):>8} "
+              f"{r['train_seconds']:>8.0f} {_mb(r['checkpoint_bytes']):>8} {r['heldout_loss']:>6.3f} {_em(r):>24} "
+              f"{_num(r.get('forgetting'), '+.3f'):>10}")
+    chain = report["separation"]["exact_match"]
+    print(f"\nexact match separates {len(chain)} method(s) significantly: {' > '.join(chain)}")
+    for g in report.get("guide", []):
+        print(f"- {g['scenario']}: {g['pick'] or 'no pick'} ({g['evidence']})")
     print(f"total {report['total_seconds']:.0f} s; report: {Path(report['out']) / 'report.md'}")
 
 
 # ---------------------------------------------------------------- plots
+
+
+_MARKERS = "osD^vP*Xhp<>"
+
+
+def _style(i: int) -> dict:
+    """A colour and a marker per method: with a legend, no label is printed on top of another."""
+    return {"color": f"C{i % 10}", "marker": _MARKERS[i % len(_MARKERS)]}
 
 
 def plot_all(report: dict, out: Path) -> list[Path]:
@@ -357,62 +381,107 @@ def plot_all(report: dict, out: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    written = []
-    base = report["base"]
+    written, base, rows = [], report["base"], report["rows"]
+    style = {r["name"]: _style(i) for i, r in enumerate(rows)}
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in report["rows"]:
-        if "stages" not in r and r["loss_curve"]:
-            steps, losses = zip(*r["loss_curve"])
-            ax.plot(steps, losses, label=r["name"], linewidth=1.4)
+    # Loss curves: every SFT method on one axis (the same loss: per answer token), the DPO stage beside it
+    # on the same step axis (its loss is the DPO objective, not comparable in value with next-token loss).
+    dpo_rows = [r for r in rows if "stages" in r]
+    fig, axes = plt.subplots(1, 2 if dpo_rows else 1, figsize=(12 if dpo_rows else 7.5, 4.5), squeeze=False,
+                             sharex=True)
+    ax = axes[0][0]
+    for r in rows:
+        if "stages" in r:
+            continue
+        for k, curve in enumerate(r.get("loss_curves") or [r["loss_curve"]]):
+            if curve:
+                steps, losses = zip(*curve)
+                ax.plot(steps, losses, color=style[r["name"]]["color"], linewidth=1.4 if k == 0 else 0.7,
+                        alpha=1.0 if k == 0 else 0.5, label=r["name"] if k == 0 else None)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss (per answer token)")
-    ax.set_title("loss curves, same data and budget (DPO stage: its own run's loss_curve.png)", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.set_yscale("log")
+    ax.set_title("SFT loss, same data and budget" + (" (thin: other seeds)" if rows and rows[0].get("seeds", 1) > 1
+                                                      else ""), fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, ncol=2)
+    if dpo_rows:
+        ax = axes[0][1]
+        for r in dpo_rows:
+            for k, curve in enumerate(r.get("loss_curves") or [r["loss_curve"]]):
+                if curve:
+                    steps, losses = zip(*curve)
+                    ax.plot(steps, losses, color=style[r["name"]]["color"], linewidth=1.4 if k == 0 else 0.7,
+                            label=f"{r['name']}: DPO stage" if k == 0 else None)
+        ax.axhline(0.6931, color="grey", linestyle=":", linewidth=1, label="ln 2 (no preference yet)")
+        ax.set_xlabel("optimizer step (DPO stage, after its SFT row)")
+        ax.set_ylabel("DPO loss")
+        ax.set_title("preference stage", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     written.append(_save(fig, out / "loss_curves.png", plt))
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
-    for ax, key, label in ((axes[0], "exact_match", "exact match (%)"), (axes[1], "heldout_loss", "held-out loss")):
-        scale = 100 if key == "exact_match" else 1
-        for r in report["rows"]:
-            ax.scatter(r["trainable_params"], scale * r[key], s=30)
-            ax.annotate(r["name"], (r["trainable_params"], scale * r[key]), fontsize=7, xytext=(3, 3),
-                        textcoords="offset points")
-        ax.axhline(scale * base[key], color="grey", linestyle="--", linewidth=1, label="base model")
-        if key == "exact_match":  # from 0, so small differences are not magnified
-            ax.set_ylim(-1, max(5.0, 1.15 * max([100 * r[key] for r in report["rows"]] + [100 * base[key]])))
+    # Quality against trainable parameters, each point with its 95% interval; methods told apart by colour
+    # and marker in one legend (labels written beside the points overlapped where methods land together).
+    panels = [("exact_match", "exact match (%), 95% Wilson", 100), ("heldout_loss", "held-out loss, 95% bootstrap", 1)]
+    if any(r.get("forgetting") is not None for r in rows):
+        panels.append(("forgetting", "forgetting: Δ general-text loss, 95% bootstrap", 1))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.6), squeeze=False)
+    for ax, (key, label, scale) in zip(axes[0], panels):
+        for r in rows:
+            if r.get(key) is None:
+                continue
+            ci = r.get(key + "_ci")
+            y = scale * r[key]
+            err = [[max(0.0, y - scale * ci[0])], [max(0.0, scale * ci[1] - y)]] if ci else None
+            ax.errorbar(r["trainable_params"], y, yerr=err, linestyle="none", capsize=3, markersize=6,
+                        label=r["name"], **style[r["name"]])
+        ref = 0.0 if key == "forgetting" else scale * base[key]
+        ax.axhline(ref, color="grey", linestyle="--", linewidth=1, label="base model" if key != "forgetting"
+                   else "no change")
+        if key == "exact_match":
+            ax.set_ylim(-3, 103)
         ax.set_xscale("log")
         ax.set_xlabel("trainable parameters (log)")
-        ax.set_ylabel(label)
+        ax.set_ylabel(label, fontsize=9)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle("quality against trainable parameters", fontsize=10)
-    written.append(_save(fig, out / "quality_vs_params.png", plt))
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(5, len(labels)), fontsize=8, frameon=False)
+    fig.suptitle("quality against trainable parameters (bars: 95% intervals)", fontsize=10)
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
+    written.append(_save(fig, out / "quality_vs_params.png", plt, tight=False))
 
     if report["sweep"]:
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for name in dict.fromkeys(p["method"] for p in report["sweep"]):
+        fig, ax = plt.subplots(figsize=(7.5, 4.8))
+        names = list(dict.fromkeys(p["method"] for p in report["sweep"]))
+        sizes = sorted({p["examples"] for p in report["sweep"]})
+        for k, name in enumerate(names):
             points = sorted((p for p in report["sweep"] if p["method"] == name), key=lambda p: p["examples"])
-            ax.plot([p["examples"] for p in points], [100 * p["exact_match"] for p in points], "o-", label=name)
+            # a small horizontal offset per method so bars at the same size do not hide each other
+            shift = 1 + 0.04 * (k - (len(names) - 1) / 2)
+            xs = [p["examples"] * shift for p in points]
+            ys = [100 * p["exact_match"] for p in points]
+            err = [[y - 100 * p["exact_match_ci"][0] for y, p in zip(ys, points)],
+                   [100 * p["exact_match_ci"][1] - y for y, p in zip(ys, points)]]
+            ax.errorbar(xs, ys, yerr=err, capsize=3, label=name, **style.get(name, _style(k)))
         ax.axhline(100 * base["exact_match"], color="grey", linestyle="--", linewidth=1, label="base model")
         ax.set_xscale("log")
-        sizes = sorted({p["examples"] for p in report["sweep"]})
         ax.set_xticks(sizes, [f"{n} (all)" if n == report["train_examples"] else str(n) for n in sizes])
         ax.minorticks_off()
-        ax.set_ylim(-1, max(5.0, 1.15 * max(100 * p["exact_match"] for p in report["sweep"])))
+        ax.set_ylim(-3, 103)
         ax.set_xlabel("distinct training examples (first N of the training file; log)")
-        ax.set_ylabel("exact match (%)")
+        ax.set_ylabel("exact match (%), 95% Wilson")
         p0 = report["sweep"][0]
         ax.set_title(f"quality against data, {p0['steps']} steps × {p0['batch_size']} each", fontsize=9)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
         written.append(_save(fig, out / "quality_vs_examples.png", plt))
     return written
 
 
-def _save(fig, path: Path, plt) -> Path:
-    fig.tight_layout()
+def _save(fig, path: Path, plt, tight: bool = True) -> Path:
+    if tight:
+        fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path

@@ -1,6 +1,6 @@
 """`plugtune compare`: the same base, the same data, one budget, several ways to customise it.
 
-    plugtune compare arith [budget.max_steps=8] [--out runs/compare]
+    plugtune compare quick [--seeds N] [--executor local|ray [--address HOST:PORT]] [budget.max_steps=8]
 
 The usual summary says it in words (full fine-tuning: high cost, large data, full control; adapters:
 low, small, modular; instruction tuning: medium, medium, behaviour). This measures it on a task:
@@ -8,13 +8,17 @@ for every method (full fine-tuning, LoRA, DoRA, IA3, Houlsby/Pfeiffer, prompt tu
 optional SFT -> DPO row) it trains with `train()` and records trainable parameters, peak memory, wall
 time and throughput, checkpoint size, held-out loss and exact match, retention (loss on general text
 before and after), and, for the methods chosen for the data sweep, quality against the number of
-distinct training examples. compare/report.py writes report.md, report.json and the plots.
+distinct training examples. Every run is a (method, data size, seed) job (compare/jobs.py) handed to an
+executor (compare/executors.py: local, or Ray tasks); compare/results.py turns the per-item outcomes
+into intervals and tests, compare/guide.py into the "which do I pick" guide, and compare/report.py
+writes report.md, report.json and the plots.
 
 Peak memory. A process's RSS high-water mark (ru_maxrss) never goes down, so the runs of one process
 cannot be told apart. With `isolate: true` (the default) each main run trains and evaluates in its own
-process (`python -m plugtune.compare.runner --worker JOB`): its peak is its own, and the increase over the
+process (`python -m plugtune.compare.jobs --worker JOB`): its peak is its own, and the increase over the
 high-water mark right after loading the base isolates what training adds (gradients, optimizer state,
-activations). Data-sweep runs stay in this process and report no memory. On CUDA the same two marks
+activations). With the local executor the data-sweep runs stay in this process and report no memory;
+Ray runs every run in a worker process of its own. On CUDA the same two marks
 come from torch.cuda.max_memory_allocated.
 """
 from __future__ import annotations
@@ -22,201 +26,29 @@ from __future__ import annotations
 import copy
 import json
 import os
-import random
 import shlex
 import shutil
-import subprocess
-import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from plugtune.adapters import load_adapter
-from plugtune.adapters.merge import fold_into_base
-from plugtune.compare.config import (CompareConfig, MethodSpec, dpo_run_config, family_of, load_compare_config,
-                                     method_run_config, slug)
-from plugtune.compare.report import (dpo_row, machine_info, method_row, print_summary, sweep_point, train_records,
-                                     write_report)
+from plugtune.compare.config import (CompareConfig, MethodSpec, check_budget_fits, dpo_run_config, family_of,
+                                     load_compare_config, method_run_config, slug)
+from plugtune.compare.executors import EXECUTORS, Run, execute, make_executor
+from plugtune.compare.guide import pick_guide
+from plugtune.compare.jobs import heldout_examples
+from plugtune.compare.report import machine_info, print_summary, write_report
+from plugtune.compare.results import analyse, dpo_row, method_row, sweep_point, train_records
 from plugtune.config import RunConfig
-from plugtune.data import load_examples
-from plugtune.data.batching import batch_indices
 from plugtune.data.formats import read_records
-from plugtune.data.tokenize import IGNORE_INDEX
-from plugtune.evaluation import exact_match, loss_and_perplexity, normalise_answer
-from plugtune.inference.generate import GenerationConfig, generate
 from plugtune.models.loading import LoadedModel, load_base
 from plugtune.schema import ConfigError, from_dict, to_dict
-from plugtune.tasks.chat import general_chat
-from plugtune.training.engine.loop import count_parameters, peak_memory_mb
-from plugtune.training.recipes.dpo import read_pairs
 from plugtune.training.run import train
 
 
-# ---------------------------------------------------------------- one job (in this process or a worker)
-
-
-def heldout_examples(path: str, n: int, fmt: str = "auto", system_prompt: str | None = None):
-    return load_examples(path, fmt, system_prompt)[:n]
-
-
-def retention_examples(spec: dict) -> list:
-    """General text for the forgetting measure: chatterbot-corpus conversations (question -> answer,
-    loss on the answer) or the first n examples of any data file (a `text` file trains every token)."""
-    if spec["source"] == "none" or spec["n"] == 0:
-        return []
-    if spec["source"] == "chatterbot":
-        return general_chat(spec["n"])
-    return load_examples(spec["source"])[: spec["n"]]
-
-
-def evaluate_model(model, tokenizer, job: dict, retention: list) -> dict:
-    ev = job["eval"]
-    heldout = heldout_examples(job["heldout"], ev["n"], job["format"], job["system_prompt"])
-    t0 = time.perf_counter()
-    em = exact_match(model, tokenizer, heldout, GenerationConfig(max_new_tokens=ev["max_new_tokens"]),
-                     batch_size=ev["batch_size"])
-    loss = loss_and_perplexity(model, tokenizer, heldout, job["max_length"], ev["batch_size"])["loss"]
-    out = {"exact_match": em.accuracy, "correct": em.correct, "total": em.total, "heldout_loss": loss,
-           "samples": em.samples[: ev["samples"]]}
-    if retention:
-        out["retention_loss"] = loss_and_perplexity(model, tokenizer, retention, job["retention"]["max_length"],
-                                                    ev["batch_size"])["loss"]
-    out["eval_seconds"] = time.perf_counter() - t0
-    return out
-
-
-def perturb(answer: str, rng: random.Random) -> str:
-    """The reference with one thing wrong: a digit changed (never to a leading zero), else two words
-    swapped, else the text reversed or a character appended."""
-    digits = [i for i, c in enumerate(answer) if c.isdigit()]
-    if digits:
-        i = rng.choice(digits)
-        choices = [d for d in "0123456789" if d != answer[i] and not (d == "0" and i == 0 and len(answer) > 1)]
-        return answer[:i] + rng.choice(choices) + answer[i + 1:]
-    words = answer.split()
-    if len(words) > 1 and len(set(words)) > 1:
-        i = rng.choice([k for k in range(len(words) - 1) if words[k] != words[k + 1]])
-        words[i], words[i + 1] = words[i + 1], words[i]
-        return " ".join(words)
-    return answer[::-1] if answer[::-1] != answer else answer + "."
-
-
-def build_pairs(model, tokenizer, examples: list, rejected: str, gen_cfg, batch_size: int, seed: int = 0):
-    """Preference pairs from task examples: chosen = the reference; rejected = the model's own wrong
-    greedy answer (rejected=model) or, where it is right or empty, the perturbed reference."""
-    answers = generate(model, tokenizer, [ex.prompt_messages() for ex in examples], gen_cfg, batch_size=batch_size)
-    rng = random.Random(seed)
-    rows, from_model = [], 0
-    for ex, answer in zip(examples, answers):
-        wrong = answer.strip() and normalise_answer(answer) != normalise_answer(ex.reference)
-        use_model = rejected == "model" and wrong
-        from_model += bool(use_model)
-        rows.append({"prompt": ex.prompt_messages(), "chosen": ex.reference,
-                     "rejected": answer if use_model else perturb(ex.reference, rng)})
-    return rows, from_model
-
-
-def _fresh_base(job: dict, base):
-    if base is None:
-        return load_base(job["model"], job["dtype"], job["device"])
-    return LoadedModel(copy.deepcopy(base.model), base.tokenizer, base.path, base.name)
-
-
-def _sft_model(job: dict, base):
-    """The SFT row's model as the new base: its adapter folded into the weights, or its model directory."""
-    artifact = Path(job["sft_artifact"])
-    if not (artifact / "adapter_config.json").is_file():
-        return load_base(str(artifact), job["dtype"], job["device"])
-    loaded = _fresh_base(job, base)
-    load_adapter(loaded.model, artifact)
-    fold_into_base(loaded.model, "default")
-    return loaded
-
-
-def _dpo_tokens(pairs_file: str, tokenizer, run) -> int:
-    """Completion tokens (chosen + rejected) the DPO stage trained on: the pair stream re-drawn."""
-    items, _ = read_pairs(pairs_file, tokenizer, run, run.dpo.max_prompt_length or None)
-    t, total = run.training, 0
-    for i in range(t.max_steps * t.grad_accum):
-        for j in batch_indices(len(items), i, t.batch_size, t.seed):
-            total += sum(lab != IGNORE_INDEX for lab in items[j].chosen_labels[1:] + items[j].rejected_labels[1:])
-    return total
-
-
-def run_job(job: dict, base=None) -> dict:
-    """Train and evaluate one run. `base` None: load it here (a worker process, memory measured);
-    else train a copy of it in this process (memory not measured)."""
-    run = from_dict(RunConfig, job["run_config"], where="job")
-    own_process = base is None
-    if own_process:
-        # What the loop imports on the way (the loss-curve plot) is not training memory: import it before the
-        # after-load mark. Here, not at the top: pyplot is slow to import, and the Agg backend chosen before it
-        # is a process-wide setting that only a worker process should make.
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot  # noqa: F401
-    retention = retention_examples(job["retention"]) if job["with_retention"] else []
-    stage: dict[str, Any] = {}
-    if job["kind"] == "dpo":
-        loaded = _sft_model(job, base)
-        device = next(loaded.model.parameters()).device
-        after_load = peak_memory_mb(device)
-        prompts = heldout_examples(job["train_file"], job["pairs"], job["format"], job["system_prompt"])
-        t0 = time.perf_counter()
-        rows, from_model = build_pairs(loaded.model, loaded.tokenizer, prompts, job["rejected"],
-                                       GenerationConfig(max_new_tokens=job["eval"]["max_new_tokens"]),
-                                       job["eval"]["batch_size"], run.training.seed)
-        Path(run.data.train).parent.mkdir(parents=True, exist_ok=True)
-        Path(run.data.train).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-        stage = {"pairs": len(rows), "rejected_from_model": from_model, "pairs_seconds": time.perf_counter() - t0}
-    else:
-        loaded = _fresh_base(job, base)
-        device = next(loaded.model.parameters()).device
-        after_load = peak_memory_mb(device)
-    report = train(run, loaded)
-    memory = {"measured": own_process, "after_load_mb": after_load if own_process else None,
-              "peak_mb": report.peak_memory_mb if own_process else None}
-    result = {"train": asdict(report), "memory": memory,
-              **stage, **evaluate_model(loaded.model, loaded.tokenizer, job, retention)}
-    if job["kind"] == "dpo":
-        result["supervised_tokens"] = _dpo_tokens(run.data.train, loaded.tokenizer, run)
-    return result
-
-
-def _run_in_worker(job: dict, job_dir: Path) -> dict:
-    job_dir.mkdir(parents=True, exist_ok=True)
-    job_file, result_file = job_dir / "job.json", job_dir / "result.json"
-    result_file.unlink(missing_ok=True)
-    job_file.write_text(json.dumps({**job, "result": str(result_file)}, indent=1))
-    proc = subprocess.run([sys.executable, "-m", "plugtune.compare.runner", "--worker", str(job_file)])
-    if proc.returncode != 0 or not result_file.is_file():
-        raise RuntimeError(f"the worker for '{job['name']}' failed (exit {proc.returncode}); its output is above; "
-                           f"rerun it alone with: {sys.executable} -m plugtune.compare.runner --worker {job_file}")
-    return json.loads(result_file.read_text())
-
-
-def _worker_main(job_file: str) -> None:
-    job = json.loads(Path(job_file).read_text())
-    torch.set_num_threads(job["threads"])
-    Path(job["result"]).write_text(json.dumps(run_job(job), indent=1))
-
-
-# ---------------------------------------------------------------- the comparison
-
-
-def _calibrated_steps(cfg: CompareConfig, spec: MethodSpec, base, out: Path) -> tuple[int, float]:
-    """Steps that fill budget.seconds: time calibration_steps steps on a copy, the first one not counted."""
-    n = cfg.budget.calibration_steps
-    run_dir = out / "calibration" / slug(spec.name)
-    train(method_run_config(cfg, spec, n, run_dir), _fresh_base({}, base))
-    elapsed = [r["elapsed_s"] for r in train_records(run_dir)]
-    per_step = (elapsed[-1] - elapsed[0]) / (len(elapsed) - 1)
-    shutil.rmtree(run_dir, ignore_errors=True)
-    return max(1, int(cfg.budget.seconds / per_step)), per_step
+# ---------------------------------------------------------------- jobs and runs
 
 
 def _job(cfg: CompareConfig, kind: str, name: str, run, base_run, threads: int, with_retention: bool) -> dict:
@@ -234,7 +66,9 @@ def _subset_file(train_file: str, n: int, out: Path) -> tuple[str, int]:
         return train_file, len(records)
     path = out / "data" / f"train_first{n}.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for _, r in records[:n]))
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for _, r in records[:n])
+    if not path.is_file() or path.read_text() != text:  # unchanged: a resumed compare's jobs stay the same
+        path.write_text(text)
     return str(path), n
 
 
@@ -246,129 +80,176 @@ def _tidy(run_dir: Path, keep: bool, artifact: str | None = None) -> None:
         shutil.rmtree(artifact, ignore_errors=True)
 
 
-@dataclass
-class _Comparison:
-    """What every run of one comparison shares: the settings, the base run config, the loaded base."""
+def _seed_dir(path: Path, seed: int) -> Path:
+    return path if seed == 0 else path.with_name(f"{path.name}-s{seed}")
 
-    cfg: CompareConfig
-    base_run: RunConfig
-    out: Path
-    base: LoadedModel
-    base_params: int
-    threads: int  # torch threads of this process; each worker process uses as many
+
+class _Plan:
+    """The runs of one comparison: keys, jobs and directories, built before anything runs."""
+
+    def __init__(self, cfg: CompareConfig, base_run: RunConfig, out: Path, threads: int, gpus: float,
+                 steps_of: dict[str, int], sizes: list[int], n_train: int):
+        self.cfg, self.base_run, self.out, self.threads, self.gpus = cfg, base_run, out, threads, gpus
+        self.steps_of, self.sizes, self.n_train = steps_of, sizes, n_train
+
+    def _run(self, key: str, job: dict, run_dir: Path, isolate: bool) -> Run:
+        return Run(key, job, run_dir, isolate, cpus=float(self.threads), gpus=self.gpus)
 
     def job(self, kind: str, name: str, run, with_retention: bool = True) -> dict:
         return _job(self.cfg, kind, name, run, self.base_run, self.threads, with_retention)
 
-    def run_main(self, job: dict, run_dir: Path) -> dict:
-        """A main row: in its own process when isolated (its memory measured), else on a copy of the base."""
-        return _run_in_worker(job, run_dir / "worker") if self.cfg.isolate else run_job(job, self.base)
+    def base(self) -> Run:
+        return self._run("base", self.job("base", "base", self.base_run), self.out / "runs" / "_base", False)
+
+    def main(self, spec: MethodSpec, seed: int) -> Run:
+        run_dir = _seed_dir(self.out / "runs" / slug(spec.name), seed)
+        run = method_run_config(self.cfg, spec, self.steps_of[spec.name], run_dir, seed_offset=seed)
+        return self._run(f"main/{slug(spec.name)}/seed{seed}", self.job("sft", spec.name, run), run_dir,
+                         self.cfg.isolate)
+
+    def sweep(self, spec: MethodSpec, n: int, seed: int) -> Run | None:
+        """A data-sweep run, or None where the point is the main run itself (all examples, same steps)."""
+        steps = self.cfg.data_sweep.max_steps or self.steps_of[spec.name]
+        if n == self.n_train and steps == self.steps_of[spec.name]:
+            return None
+        train_file, _ = _subset_file(self.base_run.data.train, n, self.out)
+        run_dir = _seed_dir(self.out / "sweep" / f"{slug(spec.name)}-n{n}", seed)
+        run = method_run_config(self.cfg, spec, steps, run_dir, train_file, seed_offset=seed)
+        job = {**self.job("sft", spec.name, run, with_retention=False), "with_loss": False}
+        return self._run(f"sweep/{slug(spec.name)}/n{n}/seed{seed}", job, run_dir, False)
+
+    def dpo(self, sft_result: dict, seed: int) -> Run:
+        d = self.cfg.sft_then_dpo
+        run_dir = _seed_dir(self.out / "runs" / slug(d.name), seed)
+        artifact = sft_result["train"]["artifact"]
+        sft_model = None if (Path(artifact) / "adapter_config.json").is_file() else artifact
+        run = dpo_run_config(self.cfg, run_dir / "pairs.jsonl", run_dir, sft_model, seed_offset=seed)
+        job = {**self.job("dpo", d.name, run), "sft_artifact": artifact, "train_file": self.base_run.data.train,
+               "pairs": d.pairs, "rejected": d.rejected}
+        return self._run(f"dpo/{slug(d.name)}/seed{seed}", job, run_dir, self.cfg.isolate)
 
 
-def run_compare(cfg: CompareConfig, command: str = "", plan_only: bool = False) -> dict:
-    """Train and evaluate every method, the SFT -> DPO row and the data sweep; write the report."""
+# ---------------------------------------------------------------- the comparison
+
+
+def run_compare(cfg: CompareConfig, command: str = "", plan_only: bool = False, executor: str = "local",
+                address: str | None = None, cpus_per_run: int = 0, max_retries: int = 2) -> dict:
+    """Train and evaluate every method (x seeds), the SFT -> DPO row and the data sweep on `executor`;
+    write the report. Runs finished by an earlier call with the same settings are kept."""
     base_run = from_dict(RunConfig, cfg.base, where="base")
     n_train = len(read_records(base_run.data.train))
+    n_heldout = len(heldout_examples(cfg.eval.data or base_run.data.eval, 10**9, base_run.data.format,
+                                     base_run.data.system_prompt))
+    check_budget_fits(cfg, n_train, n_heldout)
+    if executor not in EXECUTORS:
+        raise ConfigError(f"--executor {executor!r} is not one of {', '.join(EXECUTORS)}")
     sizes = sorted({min(n_train, n_train if s == "all" else s) for s in cfg.data_sweep.sizes})
-    plan = _plan(cfg, sizes, n_train)
+    plan = _plan_lines(cfg, sizes, n_train, executor)
     print("[compare] plan:\n" + "\n".join(f"  {line}" for line in plan))
     if plan_only:
         return {"plan": plan}
-    out = Path(cfg.out)
+    out = Path(cfg.out).resolve()  # absolute: a Ray worker's working directory is not this one
     out.mkdir(parents=True, exist_ok=True)
     t_start, machine = time.perf_counter(), machine_info()
-    comparison = _load_comparison(cfg, base_run, out)
-    base = _evaluate_base(comparison)
-    rows, steps_of, per_step_of = _run_methods(comparison)
-    if cfg.sft_then_dpo.after:
-        rows.append(_run_sft_then_dpo(comparison, rows))
-    sweep = _run_data_sweep(comparison, rows, steps_of, sizes, n_train)
+    threads = cpus_per_run or torch.get_num_threads()
+    gpus = 1.0 if str(base_run.model.device).startswith("cuda") or (
+        base_run.model.device == "auto" and torch.cuda.is_available()) else 0.0
+
+    def load() -> object:
+        return load_base(base_run.model.name, base_run.model.dtype, base_run.model.device)
+
+    ex = make_executor(executor, load, address, max_retries)
+    try:
+        steps_of, per_step_of = _steps(cfg, load, out)
+        p = _Plan(cfg, base_run, out, threads, gpus, steps_of, sizes, n_train)
+        runs = [p.base()] + [p.main(spec, s) for s in range(cfg.seeds) for spec in cfg.methods]
+        sweep_runs = {(name, n, s): p.sweep(_spec(cfg, name), n, s)
+                      for name in cfg.data_sweep.methods for n in sizes for s in range(cfg.seeds)}
+        results = execute(ex, runs + [r for r in sweep_runs.values() if r is not None])
+        dpo_runs = []
+        if cfg.sft_then_dpo.after:
+            sft = _spec(cfg, cfg.sft_then_dpo.after)
+            dpo_runs = [p.dpo(results[p.main(sft, s).key], s) for s in range(cfg.seeds)]
+            results.update(execute(ex, dpo_runs))
+    finally:
+        ex.close()
+
+    base = {"model": base_run.model.name, **results["base"]}
+    base.setdefault("retention_loss", None)
+    per_seed = []
+    for s in range(cfg.seeds):
+        for spec in cfg.methods:
+            r = p.main(spec, s)
+            res = results[r.key]
+            per_seed.append(method_row(spec.name, family_of(spec), spec.method, _run_of(r), res, base["params"],
+                                       r.run_dir, seed=s))
+            _tidy(r.run_dir, cfg.keep_checkpoints)
+        for r in dpo_runs[s:s + 1]:
+            sft_row = next(x for x in per_seed if x["name"] == cfg.sft_then_dpo.after and x["seed"] == s)
+            per_seed.append(dpo_row(cfg.sft_then_dpo, sft_row, _run_of(r), results[r.key], base["params"],
+                                    r.run_dir, seed=s))
+            _tidy(r.run_dir, cfg.keep_checkpoints)
+    sweep = []
+    for (name, n, s), r in sweep_runs.items():
+        main = next(x for x in per_seed if x["name"] == name and x["seed"] == s)
+        if r is None:
+            sweep.append(sweep_point(name, n, n_train, main, reused=True, seed=s))
+            continue
+        spec = _spec(cfg, name)
+        row = method_row(name, family_of(spec), spec.method, _run_of(r), results[r.key], base["params"], r.run_dir,
+                         seed=s)
+        sweep.append(sweep_point(name, n, n_train, row, reused=False, seed=s))
+        _tidy(r.run_dir, cfg.keep_checkpoints, results[r.key]["train"]["artifact"])
+    analysis = analyse(base, per_seed, sweep, n_train)
     report = {
         "title": cfg.title, "command": command, "settings": asdict(cfg), "machine": machine, "train_examples": n_train,
-        "base": base, "rows": rows, "sweep": sweep, "calibration_seconds_per_step": per_step_of,
+        "executor": {"name": executor, "address": address, "cpus_per_run": threads, "gpus_per_run": gpus},
+        "base": base, "rows": analysis["rows"], "per_seed": per_seed, "sweep": analysis["sweep"],
+        "sweep_per_seed": sweep, "tests": analysis["tests"], "separation": analysis["separation"],
+        "data_column": analysis["data_column"], "calibration_seconds_per_step": per_step_of,
         "total_seconds": time.perf_counter() - t_start, "load_average_end": list(os.getloadavg()), "out": str(out),
     }
+    report["guide"] = pick_guide(report)
     write_report(report, out)
     print_summary(report)
     return report
 
 
-def _load_comparison(cfg: CompareConfig, base_run: RunConfig, out: Path) -> _Comparison:
-    """Load the base once: the data-sweep runs (and, when not isolated, every run) train copies of it."""
-    threads = torch.get_num_threads()
-    base = load_base(base_run.model.name, base_run.model.dtype, base_run.model.device)
-    return _Comparison(cfg, base_run, out, base, count_parameters(base.model)[1], threads)
+def _run_of(r: Run) -> RunConfig:
+    return from_dict(RunConfig, r.job["run_config"], where="job")
 
 
-def _evaluate_base(c: _Comparison) -> dict:
-    """The report's base entry: held-out exact match and loss, and retention loss, of the untrained base."""
-    job = c.job("base", "base", c.base_run)
-    print(f"[compare] evaluating the base model ({c.base_params:,} parameters) ...")
-    result = evaluate_model(c.base.model, c.base.tokenizer, job, retention_examples(job["retention"]))
-    return {"model": c.base_run.model.name, "params": c.base_params, "retention_loss": result.get("retention_loss"),
-            **{k: result[k] for k in ("exact_match", "correct", "total", "heldout_loss", "eval_seconds", "samples")}}
+def _spec(cfg: CompareConfig, name: str) -> MethodSpec:
+    return next(s for s in cfg.methods if s.name == name)
 
 
-def _run_methods(c: _Comparison) -> tuple[list[dict], dict[str, int], dict[str, float]]:
-    """One row per method: (rows, steps of each, seconds per step of each when the budget is in seconds)."""
-    cfg = c.cfg
-    rows, steps_of, per_step_of = [], {}, {}
-    for k, spec in enumerate(cfg.methods, start=1):
-        if cfg.budget.seconds:
-            steps_of[spec.name], per_step_of[spec.name] = _calibrated_steps(cfg, spec, c.base, c.out)
-        else:
-            steps_of[spec.name] = cfg.budget.max_steps
-        run_dir = c.out / "runs" / slug(spec.name)
-        run = method_run_config(cfg, spec, steps_of[spec.name], run_dir)
-        print(f"[compare] {k}/{len(cfg.methods)} {spec.name}: {run.method}, {steps_of[spec.name]} steps ...")
-        result = c.run_main(c.job("sft", spec.name, run), run_dir)
-        rows.append(method_row(spec.name, family_of(spec), spec.method, run, result, c.base_params, run_dir))
-        _tidy(run_dir, cfg.keep_checkpoints)
-    return rows, steps_of, per_step_of
+def _steps(cfg: CompareConfig, load, out: Path) -> tuple[dict[str, int], dict[str, float]]:
+    """Each method's steps: the budget's, or, for a budget in seconds, a timed calibration here."""
+    if not cfg.budget.seconds:
+        return {s.name: cfg.budget.max_steps for s in cfg.methods}, {}
+    base = load()
+    steps_of, per_step_of = {}, {}
+    for spec in cfg.methods:
+        steps_of[spec.name], per_step_of[spec.name] = _calibrated_steps(cfg, spec, base, out)
+    return steps_of, per_step_of
 
 
-def _run_sft_then_dpo(c: _Comparison, rows: list[dict]) -> dict:
-    """The SFT -> DPO row: the SFT row's model as the base, pairs built with it, then a DPO adapter."""
-    d = c.cfg.sft_then_dpo
-    sft = next(r for r in rows if r["name"] == d.after)
-    run_dir = c.out / "runs" / slug(d.name)
-    sft_model = None if (Path(sft["checkpoint"]) / "adapter_config.json").is_file() else sft["checkpoint"]
-    run = dpo_run_config(c.cfg, run_dir / "pairs.jsonl", run_dir, sft_model)
-    print(f"[compare] {d.name}: pairs from '{d.after}', DPO {d.max_steps} steps ...")
-    job = {**c.job("dpo", d.name, run), "sft_artifact": sft["checkpoint"], "train_file": c.base_run.data.train,
-           "pairs": d.pairs, "rejected": d.rejected}
-    row = dpo_row(d, sft, run, c.run_main(job, run_dir), c.base_params, run_dir)
-    _tidy(run_dir, c.cfg.keep_checkpoints)
-    return row
+def _calibrated_steps(cfg: CompareConfig, spec: MethodSpec, base, out: Path) -> tuple[int, float]:
+    """Steps that fill budget.seconds: time calibration_steps steps on a copy, the first one not counted."""
+    n = cfg.budget.calibration_steps
+    run_dir = out / "calibration" / slug(spec.name)
+    train(method_run_config(cfg, spec, n, run_dir),
+          LoadedModel(copy.deepcopy(base.model), base.tokenizer, base.path, base.name))
+    elapsed = [r["elapsed_s"] for r in train_records(run_dir)]
+    per_step = (elapsed[-1] - elapsed[0]) / (len(elapsed) - 1)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return max(1, int(cfg.budget.seconds / per_step)), per_step
 
 
-def _run_data_sweep(c: _Comparison, rows: list[dict], steps_of: dict[str, int], sizes: list[int],
-                    n_train: int) -> list[dict]:
-    """Quality against data: each sweep method on the first n examples, in this process (no memory
-    measured); the point with every example and the main run's steps is the main row itself."""
-    cfg, sweep = c.cfg, []
-    for name in cfg.data_sweep.methods:
-        spec = next(s for s in cfg.methods if s.name == name)
-        main = next(r for r in rows if r["name"] == name)
-        steps = cfg.data_sweep.max_steps or steps_of[name]
-        for n in sizes:
-            if n == n_train and steps == main["steps"]:
-                sweep.append(sweep_point(name, n, n_train, main, reused=True))
-                continue
-            train_file, _ = _subset_file(c.base_run.data.train, n, c.out)
-            run_dir = c.out / "sweep" / f"{slug(name)}-n{n}"
-            run = method_run_config(cfg, spec, steps, run_dir, train_file)
-            print(f"[compare] data sweep: {name} on the first {n} examples, {steps} steps ...")
-            result = run_job(c.job("sft", name, run, with_retention=False), c.base)
-            row = method_row(name, family_of(spec), spec.method, run, result, c.base_params, run_dir)
-            sweep.append(sweep_point(name, n, n_train, row, reused=False))
-            _tidy(run_dir, cfg.keep_checkpoints, result["train"]["artifact"])
-    return sweep
-
-
-def _plan(cfg: CompareConfig, sizes: list[int], n_train: int) -> list[str]:
+def _plan_lines(cfg: CompareConfig, sizes: list[int], n_train: int, executor: str) -> list[str]:
     steps = f"{cfg.budget.max_steps} steps" if cfg.budget.max_steps else f"~{cfg.budget.seconds:g} s"
-    lines = [f"{s.name}: {s.method}, {steps} x batch {cfg.budget.batch_size * cfg.budget.grad_accum}"
+    seeds = f" x {cfg.seeds} seeds" if cfg.seeds > 1 else ""
+    lines = [f"{s.name}: {s.method}, {steps} x batch {cfg.budget.batch_size * cfg.budget.grad_accum}{seeds}"
              + (" (+ data sweep)" if s.name in cfg.data_sweep.methods else "") for s in cfg.methods]
     d = cfg.sft_then_dpo
     if d.after:
@@ -377,7 +258,8 @@ def _plan(cfg: CompareConfig, sizes: list[int], n_train: int) -> list[str]:
         extra = [n for n in sizes if n != n_train or cfg.data_sweep.max_steps]
         lines.append(f"data sweep {name}: {len(extra)} extra runs on the first {', '.join(map(str, extra))} examples")
     rows = len(cfg.methods) + bool(d.after)
-    where = "each main row in its own process" if cfg.isolate else "all in this process"
+    where = {"local": "each main row in its own process" if cfg.isolate else "all in this process",
+             "ray": "each run a Ray task in a worker process of its own"}[executor]
     lines.append(f"evaluation: {cfg.eval.n} held-out examples for the base, {rows} rows and each sweep run; "
                  f"retention: {cfg.retention.source} x {cfg.retention.n} for the base and the rows; {where}")
     return lines
@@ -387,13 +269,20 @@ def _plan(cfg: CompareConfig, sizes: list[int], n_train: int) -> list[str]:
 
 
 def cmd_compare(args) -> None:
-    overrides = list(args.overrides) + ([f"out={args.out}"] if args.out else [])
+    overrides = list(args.overrides) + ([f"out={args.out}"] if args.out else []) + \
+        ([f"seeds={args.seeds}"] if args.seeds else [])
     cfg = load_compare_config(args.config, overrides)
     if args.only:
         cfg = only_methods(cfg, [n.strip() for n in args.only.split(",") if n.strip()])
-    extra = (["--out", args.out] if args.out else []) + (["--only", args.only] if args.only else [])
+    extra = (["--out", args.out] if args.out else []) + (["--only", args.only] if args.only else []) + \
+        (["--seeds", str(args.seeds)] if args.seeds else []) + \
+        (["--executor", args.executor] if args.executor != "local" else []) + \
+        (["--address", args.address] if args.address else [])
     command = "plugtune compare " + " ".join(shlex.quote(a) for a in [args.config, *args.overrides, *extra])
-    run_compare(cfg, command, plan_only=args.plan)
+    if args.address and args.executor != "ray":
+        raise ConfigError("--address is the Ray cluster's address; it needs --executor ray")
+    run_compare(cfg, command, plan_only=args.plan, executor=args.executor, address=args.address,
+                cpus_per_run=args.cpus_per_run, max_retries=args.max_retries)
 
 
 def only_methods(cfg: CompareConfig, names: list[str]) -> CompareConfig:
@@ -409,18 +298,22 @@ def only_methods(cfg: CompareConfig, names: list[str]) -> CompareConfig:
 
 def add_compare_parser(subparsers) -> None:
     p = subparsers.add_parser("compare", help="train one base with several methods under one budget; write "
-                                              "report.md, report.json and plots")
-    p.add_argument("config", help="a compare YAML file, or a shipped one (compare)")
+                                              "report.md, report.json and plots, with intervals and a pick guide")
+    p.add_argument("config", help="a compare YAML file, or a shipped one (quick, arith)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. budget.max_steps=8 eval.n=50 "
                                                 "base.model.name=DIR methods=... isolate=false")
-    p.add_argument("--out", default=None, help="output directory (default: the config's `out`)")
+    p.add_argument("--out", default=None, help="output directory (default: the config's `out`); a compare run "
+                                               "again into the same directory keeps the runs that finished")
     p.add_argument("--only", default=None, metavar="NAME[,NAME]", help="run only these methods (row names)")
+    p.add_argument("--seeds", type=int, default=0, metavar="N",
+                   help="repeat every run with N training seeds; figures become mean ± spread (default: the config's)")
+    p.add_argument("--executor", default="local", choices=EXECUTORS,
+                   help="local: runs one after another here; ray: each run a Ray task (pip install 'plugtune[ray]')")
+    p.add_argument("--address", default=None, metavar="HOST:PORT",
+                   help="with --executor ray: an existing cluster's address (default: start a local one)")
+    p.add_argument("--cpus-per-run", type=int, default=0, metavar="N",
+                   help="torch threads (and Ray CPUs) of each run (default: this process's torch threads)")
+    p.add_argument("--max-retries", type=int, default=2, help="with --executor ray: retries of a run whose worker "
+                                                              "died (default 2)")
     p.add_argument("--plan", action="store_true", help="print the runs it would do and exit")
     p.set_defaults(func=cmd_compare)
-
-
-if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
-        _worker_main(sys.argv[2])
-    else:
-        sys.exit("usage: python -m plugtune.compare.runner --worker JOB.json   (plugtune compare CONFIG runs a comparison)")
