@@ -35,7 +35,7 @@ def run_demo(skill: str = "dates", model: str | None = None, out: str = "runs/de
         extra.append(f"training.max_steps={steps}")
     cfg = load_run_config("demo_lora", extra + list(overrides or []))
     t_start = time.perf_counter()
-    loaded = load_base(cfg.model.name, cfg.model.dtype, cfg.model.device)
+    loaded = load_base(cfg.model.name, cfg.model.dtype, cfg.model.device, cfg.model.quantize)
     test = load_examples(cfg.data.eval)[:n_test]
     gen = GenerationConfig(max_new_tokens=24)  # greedy; every answer of the built-in skills is shorter
 

@@ -46,7 +46,7 @@ def run_skills_demo(skills: list[str], model: str | None = None, out: str = "run
     cfg.adapters = {s: replace(template, train=f"plugtune:skills/{s}_train.jsonl", eval="") for s in skills}
     validate_run_config(cfg)
     t_start = time.perf_counter()
-    loaded = load_base(cfg.model.name, cfg.model.dtype, cfg.model.device)
+    loaded = load_base(cfg.model.name, cfg.model.dtype, cfg.model.device, cfg.model.quantize)
     print(f"[demo] training {len(skills)} adapters together ({', '.join(skills)}) in mixed batches ...")
     report = train(cfg, loaded)
     lm = LanguageModel(loaded)

@@ -325,7 +325,8 @@ def _run_sample_stage(stage: Stage, resolved: dict, t0: float) -> StageResult:
         raise FileNotFoundError(f"stage '{stage.name}': sample.prompts={sample.prompts} does not exist; fix the path")
     model = resolved.get("model", {})
     out_dir = Path(resolved["output"]["dir"])
-    loaded = load_base(model.get("name", "smollm2-135m"), model.get("dtype", "auto"), model.get("device", "auto"))
+    loaded = load_base(model.get("name", "smollm2-135m"), model.get("dtype", "auto"), model.get("device", "auto"),
+                       model.get("quantize", "none"))
     adapter = None
     if model.get("adapter"):
         load_adapter(loaded.model, model["adapter"], "policy")
