@@ -26,10 +26,11 @@ def one_thread():
 
 
 def small_config(tiny_model_dir, task, out, **changes):  # noqa: F811
-    return tiny_config(tiny_model_dir, task, out, methods=[
-        {"name": "lora", "method": "lora", "adapter": {"r": 4, "alpha": 8}},
-        {"name": "prompt", "method": "prompt_tuning", "adapter": {"num_virtual_tokens": 4}, "lr": 3e-2}],
-        data_sweep={"sizes": [8, "all"], "methods": ["lora"]}, sft_then_dpo={"after": ""}, **changes)
+    small = {"methods": [{"name": "lora", "method": "lora", "adapter": {"r": 4, "alpha": 8}},
+                         {"name": "prompt", "method": "prompt_tuning", "adapter": {"num_virtual_tokens": 4},
+                          "lr": 3e-2}],
+             "data_sweep": {"sizes": [8, "all"], "methods": ["lora"]}, "sft_then_dpo": {"after": ""}}
+    return tiny_config(tiny_model_dir, task, out, **{**small, **changes})
 
 
 def numbers(report):

@@ -96,3 +96,10 @@ def test_seeds_are_pooled_with_a_spread():
     assert abs(lora["exact_match_spread"] - 0.0707107) < 1e-6 and len(lora["item_correct"]) == 200
     assert lora["exact_match_ci"][0] < 0.85 < lora["exact_match_ci"][1]
     assert "± 7.1 over 2 seeds" in by_scenario(report)["One narrow domain"]["because"]
+
+
+def test_among_tied_methods_one_that_forgets_is_passed_over():
+    rows = [seed_row("Pfeiffer", "bottleneck", 96, 10_000, 2**20, retention=2.0),  # general-text loss doubles
+            seed_row("LoRA", "lora", 95, 20_000, 7 * 2**20)]
+    g = by_scenario(report_of(rows))["One narrow domain"]
+    assert g["pick"] == "LoRA" and "(Pfeiffer forgets)" in g["because"] and "no measurable forgetting" in g["because"]

@@ -75,12 +75,22 @@ def _choose(candidates: list[dict], tests: list[dict], cost_key: str, cost_text,
                 "because": (f"{best['name']} has the highest exact match, {_em(best)}, significantly above the next, "
                             f"{runner['name']} at {_em(runner)} ({_p(tests, best['name'], runner['name'])})"
                             + _forgetting(best))}
-    cheapest = min(tied, key=lambda r: r[cost_key])
+    # Tied on quality: one that does not measurably forget first (its general-text loss does not rise
+    # significantly), then the cheapest.
+    cheapest = min(tied, key=lambda r: (_forgets(r), r[cost_key]))
     names = ", ".join(f"{r['name']} {_em(r)}" for r in tied)
+    forgetting = [r["name"] for r in tied if _forgets(r)]
+    basis = "no measurable forgetting, then cost" if forgetting and not _forgets(cheapest) else "cost"
+    skipped = f" ({', '.join(forgetting)} forget{'s' if len(forgetting) == 1 else ''})" if basis != "cost" else ""
     return {"pick": cheapest["name"], "evidence": "too weak",
             "because": (f"Too weak to choose on quality: {names} are not significantly apart "
-                        f"({_p(tests, best['name'], tied[-1]['name'])} for the widest gap). Chosen on cost: "
-                        f"{cheapest['name']} {cost_text(cheapest)}" + _forgetting(cheapest))}
+                        f"({_p(tests, best['name'], tied[-1]['name'])} for the widest gap). Chosen on {basis}"
+                        f"{skipped}: {cheapest['name']} {cost_text(cheapest)}" + _forgetting(cheapest))}
+
+
+def _forgets(row: dict) -> bool:
+    """A significant rise of the general-text loss (the lower end of its 95% interval above zero)."""
+    return bool(row.get("forgetting_ci")) and row["forgetting_ci"][0] > 0
 
 
 def narrow_domain(report: dict) -> dict:
