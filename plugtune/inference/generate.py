@@ -9,6 +9,12 @@ The pieces are shared with the serving engine (serve/engine.py), which schedules
 
 `adapter_names` (one per prompt, None for the base) decodes requests for different adapters in
 the same batch: every step is one forward pass over all rows (adapters/mixed.py).
+
+`decode` picks the decode step (inference/fast_decode.py): "auto" (the default) runs Llama-family
+models on the fast fp32 path (static KV cache, live LoRA folded into a decoding copy, no Hugging Face
+per-layer overhead; the same tokens as "plain" up to float rounding) and everything else on "plain",
+the Hugging Face forward with a DynamicCache. "bf16" and "int8" decode with smaller weight copies
+(faster on CPU, not the same numbers: bench/decode_speed.py measures their agreement with fp32).
 """
 from __future__ import annotations
 
@@ -21,6 +27,7 @@ from torch import nn
 
 from plugtune.adapters.mixed import mixed_adapters
 from plugtune.data.tokenize import prompt_ids
+from plugtune.inference import fast_decode
 from plugtune.models.causal_lm import cache_kwarg, inputs_prepared, prepare_inputs
 
 if TYPE_CHECKING:  # transformers loads on first use: `import plugtune` stays quick
@@ -74,16 +81,35 @@ def sample_next(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Ge
 @torch.no_grad()
 def generate_ids(model: nn.Module, prompts: list[list[int]], stop_ids: list[int], pad_id: int,
                  cfg: GenerationConfig | None = None, adapter_names: list[str | None] | None = None,
-                 include_stop: bool = False) -> list[list[int]]:
+                 include_stop: bool = False, decode: str = "auto") -> list[list[int]]:
     """Continue each prompt (token ids); returns the new tokens per prompt, the end token excluded
     unless `include_stop` (RL keeps it: ending is an action the policy learns).
-    With `adapter_names`, row i decodes with adapter adapter_names[i] (None: the base)."""
+    With `adapter_names`, row i decodes with adapter adapter_names[i] (None: the base).
+    `decode`: "auto", "plain", "fp32", "bf16" or "int8" (see the module docstring)."""
+    if decode not in DECODE_MODES:
+        raise ValueError(f"decode must be one of {', '.join(DECODE_MODES)}, got {decode!r}")
     if adapter_names is not None:
         if len(adapter_names) != len(prompts):
             raise ValueError(f"{len(adapter_names)} adapter names for {len(prompts)} prompts; give one per prompt")
         with mixed_adapters(model, adapter_names):  # the row plan is laid out for every row: no prompt sharing
-            return _decode(model, prompts, stop_ids, pad_id, cfg or GenerationConfig(), include_stop, False)
-    return _decode(model, prompts, stop_ids, pad_id, cfg or GenerationConfig(), include_stop, True)
+            return _decode(model, prompts, stop_ids, pad_id, cfg or GenerationConfig(), include_stop, False, decode)
+    return _decode(model, prompts, stop_ids, pad_id, cfg or GenerationConfig(), include_stop, True, decode)
+
+
+DECODE_MODES = ("auto", "plain", *fast_decode.WEIGHTS)
+
+
+def fast_weights(model: nn.Module, decode: str) -> str | None:
+    """The decoding copy's weights for `decode` ("fp32", "bf16", "int8"), or None for the plain step.
+    "auto" falls back to plain where the fast path cannot run; an explicit choice says why it cannot."""
+    if decode == "plain":
+        return None
+    why = fast_decode.refusal(model)
+    if why is None:
+        return "fp32" if decode == "auto" else decode
+    if decode == "auto":
+        return None
+    raise ValueError(f"decode={decode!r} cannot run this model ({why}); use decode='plain' or 'auto'")
 
 
 def prefill(model: nn.Module, prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, DynamicCache]:
@@ -129,7 +155,7 @@ def decode_step(model: nn.Module, tokens: torch.Tensor, mask: torch.Tensor, cach
 
 
 def _decode(model: nn.Module, prompts: list[list[int]], stop_ids: list[int], pad_id: int, cfg: GenerationConfig,
-            include_stop: bool, share_prompts: bool) -> list[list[int]]:
+            include_stop: bool, share_prompts: bool, decode: str = "auto") -> list[list[int]]:
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     device = next(model.parameters()).device
@@ -152,6 +178,12 @@ def _decode(model: nn.Module, prompts: list[list[int]], stop_ids: list[int], pad
         expand = torch.tensor(source, device=device)
         logits, mask = logits[expand], mask[expand]
         cache.reorder_cache(expand)  # index_select on the batch dimension of every layer's keys and values
+    weights = fast_weights(model, decode)
+    if weights is not None:
+        out = _decode_fast(fast_decode.decoding_copy(model, weights), logits, mask, cache, stop, pad_id, cfg,
+                           generator, include_stop)
+        model.train(was_training)
+        return out
     for i in range(cfg.max_new_tokens):
         nxt = sample_next(logits, cfg, generator)
         nxt = torch.where(finished, torch.full_like(nxt, pad_id), nxt)
@@ -164,6 +196,41 @@ def _decode(model: nn.Module, prompts: list[list[int]], stop_ids: list[int], pad
             break
         logits, mask = decode_step(model, nxt, mask, cache, cache_key)
     model.train(was_training)
+    return out
+
+
+def _decode_fast(copy: fast_decode.DecodingCopy, logits: torch.Tensor, mask: torch.Tensor, cache, stop: torch.Tensor,
+                 pad_id: int, cfg: GenerationConfig, generator, include_stop: bool) -> list[list[int]]:
+    """The decode loop on a decoding copy and a static cache. Tokens stay in one (B, N) tensor and are
+    read back once at the end; the all-finished check is one host sync per step on CPU (it costs
+    microseconds there) and one per 8 steps on an accelerator, where syncs stall the launch queue."""
+    static = fast_decode.StaticCache.from_dynamic(cache, mask, cfg.max_new_tokens)
+    del cache
+    rows = logits.shape[0]
+    tokens = torch.full((rows, cfg.max_new_tokens), pad_id, dtype=torch.long, device=logits.device)
+    finished = torch.zeros(rows, dtype=torch.bool, device=logits.device)
+    check_every = 1 if logits.device.type == "cpu" else 8
+    steps = 0
+    for i in range(cfg.max_new_tokens):
+        nxt = sample_next(logits, cfg, generator)
+        nxt = torch.where(finished, torch.full_like(nxt, pad_id), nxt)
+        tokens[:, i] = nxt
+        finished |= torch.isin(nxt, stop)
+        steps = i + 1
+        if i == cfg.max_new_tokens - 1 or ((i + 1) % check_every == 0 and bool(finished.all())):
+            break
+        logits = copy.step(nxt, static)
+    out = []
+    stop_set = set(stop.tolist())
+    for row in tokens[:, :steps].tolist():
+        new = []
+        for tok in row:
+            if tok in stop_set:
+                if include_stop:
+                    new.append(tok)
+                break
+            new.append(tok)
+        out.append(new)
     return out
 
 

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import torch
 
+from plugtune.inference.fast_decode import StaticCache
+
 
 def check_cache(cache) -> None:
     """Raise a clear error for caches this module cannot merge."""
@@ -75,3 +77,45 @@ def select_rows(cache, mask: torch.Tensor, keep: list[int]) -> torch.Tensor:
             layer.keys = layer.keys[:, :, start:]
             layer.values = layer.values[:, :, start:]
     return mask[:, start:]
+
+
+# The same surgery on the fast decoder's static cache (inference/fast_decode.py), whose mask lives in the
+# cache and whose buffers keep spare columns, so a decode step writes in place instead of concatenating.
+def concat_static(cache: StaticCache | None, new: StaticCache, spare: int = 64) -> StaticCache:
+    """Rows of `cache` then rows of `new`, right-aligned at the longer filled length, with `spare` free
+    columns after it. `cache` may be None (no running batch)."""
+    if cache is None:
+        return new
+    t_old, t_new = cache.length, new.length
+    width = max(t_old, t_new)
+    rows = cache.batch + new.batch
+
+    def merged(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        out = a.new_zeros(rows, a.shape[1], width + spare, a.shape[3])
+        out[:cache.batch, :, width - t_old:width] = a[:, :, :t_old]
+        out[cache.batch:, :, width - t_new:width] = b[:, :, :t_new]
+        return out
+
+    keys = [merged(a, b) for a, b in zip(cache.keys, new.keys)]
+    values = [merged(a, b) for a, b in zip(cache.values, new.values)]
+    mask = cache.mask.new_zeros(rows, width + spare)
+    mask[:cache.batch, width - t_old:width] = cache.mask[:, :t_old]
+    mask[cache.batch:, width - t_new:width] = new.mask[:, :t_new]
+    return StaticCache(keys, values, mask, width)
+
+
+def select_static(cache: StaticCache, keep: list[int]) -> None:
+    """Keep rows `keep` (in that order) and drop the leading columns no remaining row attends to; in place.
+    The trimmed buffers are views: their spare columns stay usable."""
+    if len(keep) != cache.batch:
+        rows = torch.tensor(keep, dtype=torch.long, device=cache.mask.device)
+        cache.keys = [k.index_select(0, rows) for k in cache.keys]
+        cache.values = [v.index_select(0, rows) for v in cache.values]
+        cache.mask = cache.mask.index_select(0, rows)
+    used = cache.mask[:, :cache.length].any(dim=0)
+    start = int(used.float().argmax()) if bool(used.any()) else cache.length
+    if start:
+        cache.keys = [k[:, :, start:] for k in cache.keys]
+        cache.values = [v[:, :, start:] for v in cache.values]
+        cache.mask = cache.mask[:, start:]
+        cache.length -= start

@@ -20,6 +20,12 @@ the same `prefill` and `decode_step` (inference/generate.py), positions from the
 Padding columns are masked, so only float rounding differs. Seeded sampling draws from the row's
 own generator exactly as `generate` with that seed does for a batch of one.
 
+Llama-family models decode on the fast decoder (inference/fast_decode.py; `decode="plain"` turns it
+off): the running batch lives in a static KV cache written in place (batch_cache.concat_static /
+select_static), and a step runs the decoding copy, whose projections are the base weights and, for
+rows with adapters, the adapter layers themselves under the row plan. A batch whose adapters the fast
+step cannot run (prompt tuning) takes the plain step on the same cache for that step.
+
 Anything else that touches the model (loading or removing an adapter, routing a prompt) must run
 on the engine thread between steps: `engine.call(fn)` returns a Future. Adapters that cannot run
 per row (DoRA, prefix tuning: see adapters/mixed.py) are refused at admission with an error event.
@@ -42,9 +48,10 @@ import torch
 from torch import nn
 
 from plugtune.adapters.mixed import check_row_adapters, mixed_adapters
+from plugtune.inference import fast_decode
 from plugtune.inference.generate import GenerationConfig, decode_step, prefill, sample_next, stop_token_ids
 from plugtune.models.causal_lm import cache_kwarg
-from plugtune.serve.batch_cache import concat_rows, select_rows
+from plugtune.serve.batch_cache import concat_rows, concat_static, select_rows, select_static
 from plugtune.serve.detokenize import TextStream
 
 log = logging.getLogger("plugtune.serve")
@@ -203,9 +210,15 @@ class _Row:
 class Engine:
     """The continuous-batching scheduler. `max_batch` bounds the rows decoded together."""
 
-    def __init__(self, model: nn.Module, tokenizer, max_batch: int = 16, idle_wait: float = 0.5):
+    def __init__(self, model: nn.Module, tokenizer, max_batch: int = 16, idle_wait: float = 0.5,
+                 decode: str = "auto"):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if decode not in ("auto", "plain"):
+            raise ValueError(f"the serving engine decodes with 'auto' (fast fp32 where it can) or 'plain', got {decode!r}")
+        # The static cache needs the fast decoder's architecture; per-step adapters decide the step itself.
+        self._static = decode == "auto" and fast_decode.architecture_refusal(model) is None
+        self._plan_copy: fast_decode.DecodingCopy | None = None
         self.model = model
         # Decoding runs on this thread while the HTTP side tokenizes prompts: a Rust tokenizer used
         # from two threads can fail with "Already borrowed", so the engine keeps its own copy.
@@ -391,7 +404,11 @@ class Engine:
         self.stats.requests += len(rows)
         self.stats.prompt_tokens += sum(len(p) for p in prompts)
         tokens = self._sample(logits, rows)
-        self._cache, self._mask = concat_rows(self._cache, self._mask, cache, mask)
+        if self._static:
+            self._cache = concat_static(self._cache, fast_decode.StaticCache.from_dynamic(cache, mask, 0))
+            self._mask = None  # the static cache holds its mask
+        else:
+            self._cache, self._mask = concat_rows(self._cache, self._mask, cache, mask)
         self._last = tokens if self._last is None else torch.cat([self._last, tokens])
         self._rows += rows
         self._admitting = []
@@ -404,7 +421,17 @@ class Engine:
             self._close_plan()
             self._plan.enter_context(mixed_adapters(self.model, list(names)))
             self._plan_names = names
-        logits, self._mask = decode_step(self.model, self._last, self._mask, self._cache, self._cache_key)
+            # built once per row plan: jobs that change the weights or adapters close the plan first
+            self._plan_copy = fast_decode.decoding_copy(self.model) if self._static and \
+                fast_decode.refusal(self.model) is None else None
+        if self._plan_copy is not None:
+            logits = self._plan_copy.step(self._last, self._cache)
+        elif self._static:  # adapters the fast step cannot run: the plain step, on the same cache
+            dynamic = self._cache.as_dynamic()
+            logits, mask = decode_step(self.model, self._last, self._cache.active_mask(), dynamic, self._cache_key)
+            self._cache.absorb(dynamic, mask)
+        else:
+            logits, self._mask = decode_step(self.model, self._last, self._mask, self._cache, self._cache_key)
         st = self.stats
         st.decode_steps += 1
         st.decode_rows += len(names)
@@ -447,7 +474,10 @@ class Engine:
         if not keep:
             self._reset_batch()
             return
-        self._mask = select_rows(self._cache, self._mask, keep)
+        if self._static:
+            select_static(self._cache, keep)
+        else:
+            self._mask = select_rows(self._cache, self._mask, keep)
         self._last = self._last[torch.tensor(keep, dtype=torch.long, device=self._last.device)]
         self._rows = [self._rows[i] for i in keep]
 
