@@ -14,8 +14,8 @@ from plugtune.adapters.io import load_adapter, read_adapter_config
 from plugtune.adapters.layers import set_active_adapters
 from plugtune.adapters.merge import fold_into_base
 from plugtune.adapters.registry import method_from_saved
-from plugtune.export.gguf_writer import QUANTS, WriteFn, check_output_path, commit_atomically, write_gguf_file, \
-    write_model_gguf
+from plugtune.export.gguf_writer import (QUANTS, WriteFn, check_output_path, commit_atomically, write_gguf_file,
+                                        write_model_gguf)
 from plugtune.export.lora_gguf import LORA_QUANTS, check_lora_exportable, write_lora_gguf
 from plugtune.export.modelfile import modelfile_path, modelfile_text
 from plugtune.export.tensor_names import gguf_arch

@@ -20,8 +20,8 @@ from torch import nn
 
 from plugtune.adapters.layers import AdapterLayer, adapter_layers
 from plugtune.adapters.methods.lora import LoraLinear
-from plugtune.export.gguf_writer import WriteFn, commit_atomically, check_output_path, encode_tensor, to_numpy, \
-    write_gguf_file
+from plugtune.export.gguf_writer import (WriteFn, check_output_path, commit_atomically, encode_tensor, to_numpy,
+                                        write_gguf_file)
 from plugtune.export.tensor_names import gguf_arch, gguf_tensor_name, permute_qk, rope_heads, tensor_name_map
 
 LORA_QUANTS = ("f32", "f16")
