@@ -8,12 +8,19 @@ Checks (each prints PASS/FAIL with its numbers; exit 1 if any fails):
   forward     LoRA model, fp32 on CUDA vs CPU: logits close
   mixed       per-row mixed batch of 3 LoRA adapters (grouped and stacked paths) on CUDA = each row alone
   generate    greedy KV-cache generation on CUDA = on CPU (fp32, tiny model); repeated prompts prefill once
+  fast_decode the fast decoder (static cache; LoRA folded), its static-shape step and, on CUDA, its CUDA
+              graph give the plain path's greedy tokens (fp32, tiny model; the CPU test runs all but the graph)
   trees       prompt-sharing forward (pairs.pack_trees) on CUDA = the padded forward, values and gradients
   sft         plugtune.train on CUDA (auto dtype: fp32 weights, bf16 autocast; auto layout):
               loss falls, finite; the saved adapter reloads on CPU with the same logits (bf16 tolerance)
   dpo, grpo   one short run of each objective on CUDA: finite losses, adapters written
 Timings (SmolLM2-135M shape, random weights, bf16 autocast): LoRA SFT step (8 sequences of 64-255 tokens,
-packed with per-example attention vs padded) and KV-cache decode tokens/s at batch 8 and 64.
+packed with per-example attention vs padded) and KV-cache decode tokens/s at batch 8 and 64: today's path
+(fp32 weights, bf16 autocast, Hugging Face forward, DynamicCache: 76 tok/s at batch 8 on an H100 before),
+and on a bf16 copy of the model the plain path, the fast decoder (static cache), its CUDA graph
+(decode="cuda-graph") and torch.compile mode reduce-overhead (decode="compile"), all in the same run, with
+greedy agreement against the bf16 plain path. Goal (issue 17): >= 5x today's tok/s at batch 8. The
+decode part alone: `python bench/cuda_check.py --only decode`.
 """
 from __future__ import annotations
 
@@ -91,6 +98,35 @@ def generate_check(dev):
     gpu = generate_ids(model.to(dev), prompts, [2], 0, cfg)
     sampled = generate_ids(model, prompts, [2], 0, GenerationConfig(max_new_tokens=12, temperature=1.0, seed=3))
     check("generate", cpu == gpu and all(len(s) > 0 for s in sampled), same_tokens=cpu == gpu)
+
+
+def fast_decode_check(dev):
+    from plugtune.inference import fast_decode
+    from plugtune.inference.generate import GenerationConfig, generate_ids
+
+    model = lora_model().to(dev).eval()
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(3, 400, (n,), generator=g).tolist() for n in (6, 9, 4, 6)]
+    cfg = GenerationConfig(max_new_tokens=12)
+    plain = generate_ids(model, prompts, [2], 0, cfg, decode="plain")
+    modes = ["fp32"] + (["cuda-graph"] if dev.type == "cuda" else [])
+    same = {m: generate_ids(model, prompts, [2], 0, cfg, decode=m) == plain for m in modes}
+    # the static-shape step (what the graph captures), run eagerly, against the plain greedy tokens
+    copy = fast_decode.decoding_copy(model)
+    from plugtune.inference.generate import prefill
+
+    logits, mask, cache = prefill(model, prompts, 0)
+    static = fast_decode.StaticCache.from_dynamic(cache, mask, 12)
+    step = fast_decode.FixedStep(copy, static)
+    tokens, nxt = [], logits.argmax(-1)
+    for _ in range(11):
+        tokens.append(nxt)
+        nxt = step(nxt).argmax(-1)
+    tokens.append(nxt)
+    eager = torch.stack(tokens, 1).tolist()
+    unstopped = generate_ids(model, prompts, [], 0, cfg, decode="plain")
+    same["fixed_eager"] = eager == unstopped
+    check("fast_decode", all(same.values()), **same)
 
 
 def trees_check(dev):
@@ -232,12 +268,69 @@ def timings(dev):
             torch.cuda.synchronize()
         out[f"decode_tok_s_batch{b}"] = sum(len(r) for r in res) / (time.perf_counter() - t)
     out["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    out.update(decode_timings(model, dev))
     check("timings", True, **out)
+
+
+def decode_timings(model, dev, batches=(8, 64), new_tokens=64) -> dict:
+    """Greedy decode tok/s of today's path and of the fast decoder's CUDA variants, alternating inside each
+    of 3 repeats; each variant's greedy tokens against the bf16 plain path's."""
+    import copy as copy_module
+
+    from plugtune.inference.generate import GenerationConfig, generate_ids
+
+    bf16 = copy_module.deepcopy(model).to(torch.bfloat16).eval()
+    gen = GenerationConfig(max_new_tokens=new_tokens)
+    cases = {"today (fp32 weights, autocast, plain)": (model, "plain", True), "bf16 plain": (bf16, "plain", False),
+             "bf16 static cache": (bf16, "fp32", False), "bf16 cuda-graph": (bf16, "cuda-graph", False),
+             "bf16 compile": (bf16, "compile", False)}
+    out: dict = {}
+    for b in batches:
+        prompts = [torch.randint(5, 49152, (40,), generator=torch.Generator().manual_seed(i)).tolist() for i in range(b)]
+        runs: dict = {name: [] for name in cases}
+        tokens: dict = {}
+        for rep in range(4):  # repeat 0 warms up (and compiles)
+            for name, (m, decode, autocast) in cases.items():
+                try:
+                    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+                        torch.cuda.synchronize()
+                        t = time.perf_counter()
+                        res = generate_ids(m, prompts, [], 0, gen, decode=decode)
+                        torch.cuda.synchronize()
+                except Exception as exc:  # one broken variant must not hide the others
+                    out[f"{name} error"] = f"{type(exc).__name__}: {exc}"
+                    continue
+                tokens[name] = res
+                if rep:
+                    runs[name].append(sum(len(r) for r in res) / (time.perf_counter() - t))
+        today = sorted(runs[next(iter(cases))])[1] if runs[next(iter(cases))] else None
+        for name, tps in runs.items():
+            if not tps:
+                continue
+            med = sorted(tps)[len(tps) // 2]
+            ref = tokens.get("bf16 plain")
+            same = sum(x == y for a, c in zip(ref, tokens[name]) for x, y in zip(a, c)) / (b * new_tokens) if ref else None
+            out[f"decode b{b} {name}"] = {"tok_s": med, "x_today": med / today if today else None,
+                                          "same_tokens_vs_bf16_plain": same}
+    return out
+
+
+def decode_only(dev):
+    """The decode timings alone, on the same random model of SmolLM2-135M's shape."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                      num_key_value_heads=3, vocab_size=49152, max_position_embeddings=2048, tie_word_embeddings=True,
+                      rope_theta=100000.0)
+    cfg._attn_implementation = "sdpa"
+    model = LlamaForCausalLM(cfg).to(dev).eval()
+    check("decode_timings", True, **decode_timings(model, dev))
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "cuda_check.json"))
+    parser.add_argument("--only", choices=["decode"], help="run the decode check and timings only (a few minutes)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to check here (every path is tested on CPU)")
@@ -246,8 +339,11 @@ def main() -> int:
     RESULTS["device"] = torch.cuda.get_device_name(0)
     RESULTS["torch"] = torch.__version__
     with tempfile.TemporaryDirectory() as tmp:
-        for fn in (forward_check, mixed_check, generate_check, trees_check,
-                   lambda d: train_checks(d, Path(tmp)), timings):
+        steps = (forward_check, mixed_check, generate_check, fast_decode_check, trees_check,
+                 lambda d: train_checks(d, Path(tmp)), timings)
+        if args.only == "decode":
+            steps = (fast_decode_check, decode_only)
+        for fn in steps:
             try:
                 fn(dev)
             except Exception as exc:  # report and go on: one broken path must not hide the others

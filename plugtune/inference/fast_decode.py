@@ -231,6 +231,80 @@ class DecodingCopy:
         return self.head(self.norm(x))[:, -1]  # (B, V)
 
 
+    @torch.no_grad()
+    def step_fixed(self, tokens: torch.Tensor, cache: StaticCache, column: torch.Tensor) -> torch.Tensor:
+        """`step` with shapes that never change, for CUDA graphs and torch.compile: attention runs over every
+        column of the cache (the mask hides the unwritten ones, which are 0), and the column written is a
+        (1,) tensor. The caller advances `cache.length`. Same numbers as `step` up to float rounding."""
+        batch = tokens.shape[0]
+        positions = cache.mask.sum(-1, keepdim=True)  # (B, 1): tokens so far = the next position
+        cache.mask.index_fill_(1, column, 1)
+        x = self.embed(tokens.unsqueeze(1))
+        cos, sin = self.rotary(x, positions)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        allowed = cache.mask[:, None, None, :].bool()  # (B, 1, 1, capacity)
+        for (in_norm, post_norm, act, (q_p, k_p, v_p, o_p, g_p, u_p, d_p)), keys, values in zip(
+                self.layers, cache.keys, cache.values):
+            h = in_norm(x)
+            q = q_p(h).view(batch, 1, self.n_heads, self.head_dim).transpose(1, 2)
+            k = k_p(h).view(batch, 1, self.n_kv, self.head_dim).transpose(1, 2)
+            v = v_p(h).view(batch, 1, self.n_kv, self.head_dim).transpose(1, 2)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            keys.index_copy_(2, column, k)
+            values.index_copy_(2, column, v)
+            a = F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed, scale=self.scaling,
+                                               enable_gqa=self.n_kv != self.n_heads)
+            x = x + o_p(a.transpose(1, 2).reshape(batch, 1, -1))
+            h = post_norm(x)
+            x = x + d_p(act(g_p(h)) * u_p(h))
+        return self.head(self.norm(x))[:, -1]
+
+
+class FixedStep:
+    """Runs `DecodingCopy.step_fixed` on one static cache, through a captured CUDA graph (`graph=True`: one
+    launch per token instead of ~20 kernels per layer, the cure for launch-bound GPU decoding), through
+    `torch.compile` (`compiled=True`, mode reduce-overhead: CUDA graphs of the compiled step), or eagerly
+    (the CPU reference the tests compare against). The cache keeps its capacity: no growth mid-generation."""
+
+    def __init__(self, copy: DecodingCopy, cache: StaticCache, graph: bool = False, compiled: bool = False):
+        self.copy, self.cache = copy, cache
+        device = cache.mask.device
+        self.tokens = torch.zeros(cache.batch, dtype=torch.long, device=device)
+        self.column = torch.zeros(1, dtype=torch.long, device=device)
+        self.fn = torch.compile(copy.step_fixed, mode="reduce-overhead") if compiled else copy.step_fixed
+        self.graph = None
+        if graph:
+            if device.type != "cuda":
+                raise ValueError("CUDA graphs need a CUDA device")
+            last = cache.capacity - 1  # warm-up and capture write the last column, then give it back
+            self.column.fill_(last)
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    cache.mask[:, last] = 0
+                    self.copy.step_fixed(self.tokens, cache, self.column)
+            torch.cuda.current_stream().wait_stream(side)
+            cache.mask[:, last] = 0
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.logits = self.copy.step_fixed(self.tokens, cache, self.column)
+            cache.mask[:, last] = 0
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        cache = self.cache
+        if cache.length >= cache.capacity:
+            raise ValueError(f"the static cache is full ({cache.capacity} columns)")
+        self.tokens.copy_(tokens)
+        self.column.fill_(cache.length)
+        cache.length += 1
+        if self.graph is not None:
+            self.graph.replay()
+            return self.logits
+        return self.fn(self.tokens, cache, self.column)
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)

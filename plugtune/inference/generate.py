@@ -15,6 +15,8 @@ models on the fast fp32 path (static KV cache, live LoRA folded into a decoding 
 per-layer overhead; the same tokens as "plain" up to float rounding) and everything else on "plain",
 the Hugging Face forward with a DynamicCache. "bf16" and "int8" decode with smaller weight copies
 (faster on CPU, not the same numbers: bench/decode_speed.py measures their agreement with fp32).
+"cuda-graph" replays one captured CUDA graph per token and "compile" runs the step through
+torch.compile (reduce-overhead): both on the static cache, for launch-bound GPU decoding.
 """
 from __future__ import annotations
 
@@ -96,7 +98,8 @@ def generate_ids(model: nn.Module, prompts: list[list[int]], stop_ids: list[int]
     return _decode(model, prompts, stop_ids, pad_id, cfg or GenerationConfig(), include_stop, True, decode)
 
 
-DECODE_MODES = ("auto", "plain", *fast_decode.WEIGHTS)
+DECODE_MODES = ("auto", "plain", *fast_decode.WEIGHTS, "cuda-graph", "compile")
+_FIXED = {"cuda-graph": {"graph": True}, "compile": {"compiled": True}}  # static-shape runners: model's own weights
 
 
 def fast_weights(model: nn.Module, decode: str) -> str | None:
@@ -106,7 +109,7 @@ def fast_weights(model: nn.Module, decode: str) -> str | None:
         return None
     why = fast_decode.refusal(model)
     if why is None:
-        return "fp32" if decode == "auto" else decode
+        return "fp32" if decode in ("auto", *_FIXED) else decode
     if decode == "auto":
         return None
     raise ValueError(f"decode={decode!r} cannot run this model ({why}); use decode='plain' or 'auto'")
@@ -181,7 +184,7 @@ def _decode(model: nn.Module, prompts: list[list[int]], stop_ids: list[int], pad
     weights = fast_weights(model, decode)
     if weights is not None:
         out = _decode_fast(fast_decode.decoding_copy(model, weights), logits, mask, cache, stop, pad_id, cfg,
-                           generator, include_stop)
+                           generator, include_stop, _FIXED.get(decode))
         model.train(was_training)
         return out
     for i in range(cfg.max_new_tokens):
@@ -200,12 +203,18 @@ def _decode(model: nn.Module, prompts: list[list[int]], stop_ids: list[int], pad
 
 
 def _decode_fast(copy: fast_decode.DecodingCopy, logits: torch.Tensor, mask: torch.Tensor, cache, stop: torch.Tensor,
-                 pad_id: int, cfg: GenerationConfig, generator, include_stop: bool) -> list[list[int]]:
+                 pad_id: int, cfg: GenerationConfig, generator, include_stop: bool,
+                 fixed: dict | None = None) -> list[list[int]]:
     """The decode loop on a decoding copy and a static cache. Tokens stay in one (B, N) tensor and are
     read back once at the end; the all-finished check is one host sync per step on CPU (it costs
     microseconds there) and one per 8 steps on an accelerator, where syncs stall the launch queue."""
     static = fast_decode.StaticCache.from_dynamic(cache, mask, cfg.max_new_tokens)
     del cache
+    if fixed is None:
+        def step(tokens):
+            return copy.step(tokens, static)
+    else:  # static shapes: a CUDA graph or torch.compile (`fixed` says which), captured once per generation
+        step = fast_decode.FixedStep(copy, static, **fixed)
     rows = logits.shape[0]
     tokens = torch.full((rows, cfg.max_new_tokens), pad_id, dtype=torch.long, device=logits.device)
     finished = torch.zeros(rows, dtype=torch.bool, device=logits.device)
@@ -219,7 +228,7 @@ def _decode_fast(copy: fast_decode.DecodingCopy, logits: torch.Tensor, mask: tor
         steps = i + 1
         if i == cfg.max_new_tokens - 1 or ((i + 1) % check_every == 0 and bool(finished.all())):
             break
-        logits = copy.step(nxt, static)
+        logits = step(nxt)
     out = []
     stop_set = set(stop.tolist())
     for row in tokens[:, :steps].tolist():

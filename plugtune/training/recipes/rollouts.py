@@ -52,6 +52,10 @@ class RolloutConfig:
     reward_functions: list[str] = field(default_factory=list)  # registered names or "module:function"
     reward_model: str = ""  # a reward model directory (plugtune train objective=reward)
     missing_eos_penalty: float = 0.0  # subtracted from the score of a completion that never ended
+    # How completions are decoded (inference/generate.py): "auto" folds the policy's LoRA into a decoding
+    # copy on the fast fp32 path (the same policy up to float rounding); "plain" is the Hugging Face
+    # forward; "bf16" / "int8" sample from a rounded copy of the policy (faster on CPU, slightly off-policy).
+    decode: str = "auto"
 
 
 def check_rollout_config(cfg: RunConfig) -> None:
@@ -62,6 +66,8 @@ def check_rollout_config(cfg: RunConfig) -> None:
                           "[instructions]) or rollout.reward_model (a directory from objective=reward)")
     if min(r.prompts_per_step, r.max_new_tokens, r.epochs, r.minibatches) < 1:
         raise ConfigError("rollout.prompts_per_step, max_new_tokens, epochs and minibatches must be >= 1")
+    if r.decode not in ("auto", "plain", "fp32", "bf16", "int8"):
+        raise ConfigError(f"rollout.decode={r.decode!r}: use auto (fast fp32 where it can run), plain, fp32, bf16 or int8")
     if (r.prompts_per_step * r.samples_per_prompt) % r.minibatches:
         raise ConfigError(f"rollout.minibatches={r.minibatches} must divide the rollout batch "
                           f"({r.prompts_per_step} prompts x {r.samples_per_prompt} samples)")
@@ -152,7 +158,7 @@ class RolloutSource:
                                top_k=c.top_k, seed=self.sample_seed * 1_000_003 + index)
         stops = stop_token_ids(self.tokenizer)
         completions = generate_ids(model, [p.prompt_ids for p in prompts], stops, self.tokenizer.pad_token_id, gen,
-                                   include_stop=True)
+                                   include_stop=True, decode=c.decode)
         completions = [comp or [stops[0]] for comp in completions]  # an empty completion still ends
         batch = build_rollout(prompts, completions, self.tokenizer.pad_token_id)
         device = next(model.parameters()).device
