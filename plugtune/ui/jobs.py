@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-LAUNCH, STATE, LOG = "launch.json", "state.json", "log.txt"
+LAUNCH, STATE, LOG, STOP = "launch.json", "state.json", "log.txt", "stop_requested"
 FINAL = ("finished", "failed", "stopped")
 
 _children: dict[int, subprocess.Popen] = {}  # ours, so that finished ones are reaped (no zombies)
@@ -50,6 +50,7 @@ def start(kind: str, job_dir: Path, args: list[str], env: dict | None = None) ->
         raise RuntimeError(f"a {current['kind']} job is already running in {job_dir} (pid {current['pid']}): "
                            "stop it first")
     (job_dir / STATE).unlink(missing_ok=True)
+    (job_dir / STOP).unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "plugtune.ui.worker", kind, str(job_dir), *args]
     # The worker imports the same plugtune as this process, wherever the page's server was started from.
     package_root = str(Path(__file__).resolve().parents[2])
@@ -97,6 +98,8 @@ def status(job_dir: Path) -> dict | None:
         out["state"] = state["state"]
     elif alive:
         out["state"] = state.get("state", "starting")
+    elif (job_dir / STOP).exists():  # stopped before it could say so (e.g. during start-up)
+        out["state"] = "stopped"
     else:
         out["state"] = "died"
         out["error"] = (f"the {launch['kind']} process (pid {launch['pid']}) ended without saying why: "
@@ -110,6 +113,7 @@ def stop(job_dir: Path) -> dict:
     st = status(job_dir)
     if st is None or not st["alive"]:
         raise RuntimeError(f"no running job in {job_dir}")
+    (job_dir / STOP).write_text(str(time.time()))
     try:
         os.killpg(int(st["pid"]), signal.SIGTERM)
     except ProcessLookupError:

@@ -126,7 +126,7 @@ async function refreshModels() {
   const data = await guarded(() => api("/v1/models"));
   if (!data) return;
   state.models = data.data.map((m) => m.id);
-  const sel = $("#model-select"), keep = sel.value;
+  const sel = $("#model-select"), keep = sel.value;  // read after the await: a later call may have chosen one
   sel.replaceChildren(...state.models.map((m) => el("option", { value: m, text: m === state.info?.base ? `${m} (base)` : m })));
   if (state.models.includes(keep)) sel.value = keep;
   const ticked = new Set($$("#sbs-models input:checked").map((i) => i.value));
@@ -226,7 +226,10 @@ async function sendChat() {
   $("#chat-send").disabled = true;
   try {
     if (model === "auto") showRoute(state.history);
-    const answered = await streamChat(model, state.history, (t) => { body.textContent += t; $("#chat-log").scrollTop = 1e9; });
+    let chunks = 0;
+    const answered = await streamChat(model, state.history, (t) => {
+      body.textContent += t; m.dataset.chunks = String(++chunks); $("#chat-log").scrollTop = 1e9;
+    });
     m.dataset.adapter = answered.adapter === null ? "base" : (answered.adapter || model);
     $(".who", m).textContent = model === "auto" ? `auto → ${m.dataset.adapter}` : answered.model;
     state.history.push({ role: "assistant", content: body.textContent });
@@ -350,7 +353,7 @@ $("#runs-refresh").addEventListener("click", loadRuns);
 function stopRunPolling() { clearTimeout(state.runTimer); state.runTimer = null; state.run = null; $("#run-detail").hidden = true; }
 
 async function openRun(name) {
-  if (state.run !== name) { clearTimeout(state.runTimer); state.run = name; }
+  if (state.run !== name) { clearTimeout(state.runTimer); state.run = name; $("#run-detail").hidden = true; }
   let d;
   try { d = await api("/ui/api/run?name=" + encodeURIComponent(name)); }
   catch (e) { showError(e.message); return; }
