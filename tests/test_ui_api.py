@@ -188,3 +188,34 @@ def test_a_job_is_read_back_from_its_files(tmp_path):
     with pytest.raises(RuntimeError, match="no running job"):
         jobs.stop(stopped)
     assert sys.executable in jobs.status(stopped)["command"]
+
+
+def test_auto_shows_the_routers_pick_and_scores(tiny_model_dir, tmp_path, dirs):
+    """POST /ui/api/route: the adapter `auto` picks and every adapter's score, as the server routes."""
+    import torch
+
+    from plugtune.adapters import adapter_state, attach_adapter, save_adapter
+    from plugtune.inference.router import fit_router
+
+    for seed, name in enumerate("ab", start=1):
+        lm = plugtune.load(str(tiny_model_dir))
+        attach_adapter(lm.model, "lora", {"r": 4}, name=name)
+        with torch.no_grad():
+            for p in adapter_state(lm.model, name).values():
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(seed)) * 0.3)
+        save_adapter(lm.model, tmp_path / name, name)
+    lm = plugtune.load(str(tiny_model_dir), adapter={"a": tmp_path / "a", "b": tmp_path / "b"})
+    prompts = {"a": ["convert the date March 5", "date of May 1 please", "what date is June 7"],
+               "b": ["convert 3 km to m", "how many g in 5 kg", "7 m in cm"]}
+    lm.router = fit_router(lm.model, lm.tokenizer, prompts, kind="hidden", shipped=False,
+                           negatives=["hello there", "tell me a joke"])
+    with client(lm, dirs) as c:
+        for text in ("convert the date March 5", "convert 3 km to m"):
+            messages = [{"role": "user", "content": text}]
+            r = c.post("/ui/api/route", json={"messages": messages}, headers=SAME).json()
+            assert set(r["scores"]) == {"a", "b"} and all(0 <= s <= 1 for s in r["scores"].values())
+            best = max(r["scores"], key=r["scores"].get)
+            assert r["adapter"] == (best if r["scores"][best] > r["threshold"] else None)
+            answer = c.post("/v1/chat/completions", json={"model": "auto", "messages": messages, "max_tokens": 2}).json()
+            assert answer["choices"][0]["adapter"] == r["adapter"]  # the server routed the same way
+        assert c.post("/ui/api/route", json={"messages": []}, headers=SAME).status_code == 400
