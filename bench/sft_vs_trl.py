@@ -4,6 +4,16 @@
                                [--modes lora,full] [--layouts packed] [--out bench/results/sft_vs_trl.json]
     python bench/sft_vs_trl.py --layouts packed,rows,grouped,padded     # which plugtune layout is fastest
     python bench/sft_vs_trl.py --model /tmp/tiny --threads 1 --warmup 1 --steps 1 --peak-n 256   # smoke run
+    python bench/sft_vs_trl.py --device cuda --modes lora,qlora,full --warmup 3 --steps 20   # GPU: a few minutes
+
+CUDA (--device cuda; unmeasured so far: no GPU was lent when it was written): the same data, schedule and
+settings, in bf16 mixed precision on both sides (fp32 master weights, bf16 autocast: TRL's bf16=True, use_cpu
+False; plugtune's model.dtype=auto on CUDA), and a third mode, qlora: the base frozen in NF4 with double
+quantization, compute in bf16 (TRL + PEFT + bitsandbytes: BitsAndBytesConfig(load_in_4bit, nf4,
+double quant, bf16 compute) and prepare_model_for_kbit_training without checkpointing; plugtune:
+model.quantize=nf4). Each child reports torch.cuda.max_memory_allocated (peak GPU memory) next to its peak
+RSS, and the table adds x TRL peak GPU memory. Goal (issue 17): >= 1.5x TRL's tokens/s at <= 0.7x its
+memory. The FLOP fraction is of the fp32 CPU peak on CPU and omitted on CUDA.
 
 Workload (shared/bench-data/README.md): the 400 real chat conversations of ../shared/bench-data/chat_sft.jsonl
 (35-250 tokens), loss on the assistant turns only, 8 conversations per optimizer step (no accumulation),
@@ -66,7 +76,8 @@ sys.path.insert(0, str(ROOT))  # plugtune from this checkout, installed or not
 DATA = ROOT.parent / "shared" / "bench-data" / "chat_sft.jsonl"
 LORA = {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
 BATCH, MAX_LENGTH, SEED = 8, 256, 0
-LR = {"lora": 2e-4, "full": 2e-5}
+LR = {"lora": 2e-4, "qlora": 2e-4, "full": 2e-5}
+MODES = ("lora", "qlora", "full")  # qlora: CUDA only (bitsandbytes NF4 on TRL's side, model.quantize=nf4 on ours)
 LAYOUTS = {"packed": ["data.packing=true"], "rows": ["data.packing=true", "data.packed_attention=mask"],
            "grouped": ["data.packing=false", "data.group_by_length=true"],
            "padded": ["data.packing=false", "data.group_by_length=false"]}
@@ -121,7 +132,18 @@ def run_trl(args, out: Path) -> dict:
                 tokenizer.apply_chat_template(r["messages"], tokenize=False, chat_template=MARKED_TEMPLATE):
             raise SystemExit("MARKED_TEMPLATE does not render like this model's chat template")
     tokenizer.chat_template = MARKED_TEMPLATE
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    cuda = args.device == "cuda"
+    if args.mode == "qlora":
+        from peft import prepare_model_for_kbit_training
+        from transformers import BitsAndBytesConfig
+
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                   bnb_4bit_compute_dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, dtype=torch.float32,
+                                                     device_map={"": 0})
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     stamps: list[float] = []
 
     class StepTimer(TrainerCallback):
@@ -131,12 +153,12 @@ def run_trl(args, out: Path) -> dict:
     config = SFTConfig(
         output_dir=str(out / "trl"), per_device_train_batch_size=BATCH, gradient_accumulation_steps=1,
         max_steps=args.warmup + args.steps, learning_rate=LR[args.mode], lr_scheduler_type="constant",
-        warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, bf16=False, fp16=False, gradient_checkpointing=False,
-        use_cpu=True, max_length=MAX_LENGTH, assistant_only_loss=True, packing=False, padding_free=False,
+        warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, bf16=cuda, fp16=False, gradient_checkpointing=False,
+        use_cpu=not cuda, max_length=MAX_LENGTH, assistant_only_loss=True, packing=False, padding_free=False,
         train_sampling_strategy="sequential", logging_steps=1, save_strategy="no", report_to=[], disable_tqdm=True,
         seed=SEED, dataloader_num_workers=0)
     peft_config = None
-    if args.mode == "lora":
+    if args.mode in ("lora", "qlora"):
         from peft import LoraConfig
 
         peft_config = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
@@ -151,19 +173,37 @@ def run_trl(args, out: Path) -> dict:
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h and "train_runtime" not in h]
     per_step = lambda xs: [sum(xs[s * BATCH:(s + 1) * BATCH]) for s in range(len(steps))]
-    return {"stamps": stamps, "losses": losses, "real_tokens": per_step(real), "supervised_tokens": per_step(supervised)}
+    return {"stamps": stamps, "losses": losses, "real_tokens": per_step(real), "supervised_tokens": per_step(supervised),
+            **gpu_peak(args)}
+
+
+def gpu_peak(args) -> dict:
+    """Peak GPU memory of this child (CUDA runs only)."""
+    if args.device != "cuda":
+        return {}
+    import torch
+
+    return {"peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20}
+
+
+def plugtune_settings(args) -> list[str]:
+    """The run config of a plugtune child: device, dtype and quantization by --device and --mode."""
+    method = ["method=lora", *[f"adapter.{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in LORA.items()]] \
+        if args.mode in ("lora", "qlora") else ["method=full"]
+    device = ["model.dtype=auto", "model.device=cuda"] if args.device == "cuda" else \
+        ["model.dtype=float32", "model.device=cpu"]
+    quant = ["model.quantize=nf4"] if args.mode == "qlora" else []
+    return [*device, *quant, *method]
 
 
 def run_plugtune(args, out: Path) -> dict:
     from plugtune.config import load_run_config
     from plugtune.training.run import train
 
-    method = ["method=lora", *[f"adapter.{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in LORA.items()]] \
-        if args.mode == "lora" else ["method=full"]
     cfg = load_run_config(None, [
-        f"model.name={args.model}", "model.dtype=float32", "model.device=cpu", f"data.train={args.data}",
+        f"model.name={args.model}", f"data.train={args.data}",
         f"data.max_length={MAX_LENGTH}", "data.overflow=truncate", "data.train_on=responses", *LAYOUTS[args.layout],
-        *method, f"training.batch_size={BATCH}", "training.grad_accum=1", f"training.max_steps={args.warmup + args.steps}",
+        *plugtune_settings(args), f"training.batch_size={BATCH}", "training.grad_accum=1", f"training.max_steps={args.warmup + args.steps}",
         f"training.lr={LR[args.mode]}", "training.schedule=constant", "training.warmup_steps=0",
         "training.max_grad_norm=1.0", "training.weight_decay=0.0", "training.gradient_checkpointing=false",
         f"training.threads={args.threads}", f"training.seed={SEED}", "training.log_every=1", "training.progress=false",
@@ -172,7 +212,7 @@ def run_plugtune(args, out: Path) -> dict:
     log = [json.loads(line) for line in (out / "plugtune" / "metrics.jsonl").read_text().splitlines()]
     log = [r for r in log if r.get("kind") == "train"]
     return {"stamps": [r["elapsed_s"] for r in log], "losses": [r["loss"] for r in log],
-            "supervised_tokens": [r["tokens"] for r in log], "batches": report.data.rsplit("; ", 1)[-1]}
+            "supervised_tokens": [r["tokens"] for r in log], "batches": report.data.rsplit("; ", 1)[-1], **gpu_peak(args)}
 
 
 # ---------------------------------------------------------------- parent
@@ -184,7 +224,7 @@ def launch(engine: str, mode: str, layout: str, args, workdir: Path) -> dict:
     out.mkdir()
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", engine, "--child-out", str(out), "--mode", mode,
            "--layout", layout, "--model", args.model, "--threads", str(args.threads), "--warmup", str(args.warmup),
-           "--steps", str(args.steps), "--data", str(args.data)]
+           "--steps", str(args.steps), "--data", str(args.data), "--device", args.device]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
            "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     with open(out / "log.txt", "w") as log:
@@ -290,6 +330,7 @@ def summarise(runs: list[dict], work: dict, dims: dict, peak: float, args) -> di
                 "s_per_step": seconds / args.steps, "supervised_tok_s": sum(w["supervised"] for w in timed) / seconds,
                 "real_tok_s": real / seconds, "padding": 1 - real / positions,
                 "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in mine),
+                "peak_gpu_mb": statistics.median(r["peak_gpu_mb"] for r in mine) if "peak_gpu_mb" in mine[0] else None,
                 "flops_per_s": flops / seconds, "fraction_of_peak": flops / seconds / peak,
                 "losses": mine[0]["losses"], "runs": len(mine)}
         for engine in engines[1:]:
@@ -298,6 +339,8 @@ def summarise(runs: list[dict], work: dict, dims: dict, peak: float, args) -> di
             p["vs_trl"] = {"supervised_tok_s": p["supervised_tok_s"] / t["supervised_tok_s"],
                            "s_per_step": p["s_per_step"] / t["s_per_step"],
                            "peak_rss": p["peak_rss_mb"] / t["peak_rss_mb"],
+                           "peak_gpu": p["peak_gpu_mb"] / t["peak_gpu_mb"] if p["peak_gpu_mb"] and t["peak_gpu_mb"]
+                           else None,
                            "max_abs_loss_diff": max(abs(a - b) for a, b in zip(p["losses"], t["losses"]))
                            if same_batches else None}
         summary[mode] = rows
@@ -323,7 +366,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--warmup", type=int, default=2, help="optimizer steps not timed (>= 1)")
     parser.add_argument("--steps", type=int, default=10, help="timed optimizer steps")
     parser.add_argument("--rounds", type=int, default=1, help="alternating rounds of every run")
-    parser.add_argument("--modes", default="lora,full", help="comma list: lora, full")
+    parser.add_argument("--modes", default="lora,full", help="comma list: lora, full, qlora (qlora: --device cuda)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="cuda: bf16 mixed precision on both sides, peak GPU memory reported")
     parser.add_argument("--layouts", default="packed", help="plugtune layouts, comma list: packed, rows, grouped, padded")
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--peak-n", type=int, default=2048, help="matmul size for the fp32 peak")
@@ -341,8 +386,10 @@ def main(argv: list[str] | None = None) -> dict | None:
     args.modes, args.layouts = args.modes.split(","), args.layouts.split(",")
     if args.warmup < 1 or args.steps < 1 or args.rounds < 1:
         parser.error("--warmup, --steps and --rounds must be >= 1 (a step time needs the previous step's end)")
-    if not set(args.modes) <= {"lora", "full"} or not set(args.layouts) <= set(LAYOUTS):
-        parser.error(f"--modes: lora, full; --layouts: {', '.join(LAYOUTS)}")
+    if not set(args.modes) <= set(MODES) or not set(args.layouts) <= set(LAYOUTS):
+        parser.error(f"--modes: {', '.join(MODES)}; --layouts: {', '.join(LAYOUTS)}")
+    if "qlora" in args.modes and args.device != "cuda":
+        parser.error("--modes qlora needs --device cuda (NF4 runs on bitsandbytes' CUDA kernels)")
     if not args.data.is_file():
         print(f"{args.data}: the benchmark conversations are missing (see shared/bench-data/README.md); skipped")
         return None
@@ -353,7 +400,8 @@ def main(argv: list[str] | None = None) -> dict | None:
 
     work = workload(args.model, args.data, args.steps, args.warmup)
     dims = model_dims(args.model)
-    peaks = [matmul_peak(args.threads, args.peak_n, args.peak_seconds)]
+    cpu = args.device == "cpu"  # the FLOP fraction is of the CPU's fp32 peak: not measured for CUDA runs
+    peaks = [matmul_peak(args.threads, args.peak_n, args.peak_seconds) if cpu else float("nan")]
     runs = []
     with tempfile.TemporaryDirectory(prefix="sft-bench-") as tmp:
         for r in range(args.rounds):
@@ -362,7 +410,7 @@ def main(argv: list[str] | None = None) -> dict | None:
                     runs.append(launch(engine, mode, layout, args, Path(tmp)))
                     print(f"round {r + 1} {mode:<4} {runs[-1]['engine']:<16} {runs[-1]['s_per_step']:.3f} s/step, "
                           f"peak RSS {runs[-1]['peak_rss_mb']:.0f} MB", flush=True)
-    peaks.append(matmul_peak(args.threads, args.peak_n, args.peak_seconds))
+    peaks.append(matmul_peak(args.threads, args.peak_n, args.peak_seconds) if cpu else float("nan"))
     check_tokens(runs, work, args)
     summary = summarise(runs, work, dims, max(peaks), args)
     timed = work["packed"][args.warmup:]
@@ -373,20 +421,23 @@ def main(argv: list[str] | None = None) -> dict | None:
           f"{args.steps} timed steps, {args.rounds} round(s); fp32 matmul peak {max(peaks) / 1e9:.1f} GFLOP/s "
           f"({args.peak_n}x{args.peak_n}; before/after {peaks[0] / 1e9:.1f}/{peaks[1] / 1e9:.1f})")
     print(f"{'mode':<5} {'engine':<17} {'s/step':>7} {'sup tok/s':>9} {'real tok/s':>10} {'padding':>7} "
-          f"{'RSS MB':>7} {'% peak':>6} {'x TRL tok/s':>11} {'x TRL RSS':>9} {'loss |diff|':>11}")
+          f"{'RSS MB':>7} {'% peak':>6} {'x TRL tok/s':>11} {'x TRL RSS':>9} {'loss |diff|':>11} {'GPU MB':>7} {'x TRL GPU':>9}")
     for mode, rows in summary.items():
         for engine, s in rows.items():
             v = s.get("vs_trl", {})
             diff = v.get("max_abs_loss_diff")
+            gpu = "-" if s["peak_gpu_mb"] is None else f"{s['peak_gpu_mb']:.0f}"
+            gpu_x = "-" if v.get("peak_gpu") is None else f"{v['peak_gpu']:.2f}"
             print(f"{mode:<5} {engine:<17} {s['s_per_step']:>7.3f} {s['supervised_tok_s']:>9.1f} {s['real_tok_s']:>10.1f} "
                   f"{s['padding']:>7.1%} {s['peak_rss_mb']:>7.0f} {s['fraction_of_peak']:>6.1%} "
                   f"{v.get('supervised_tok_s', 1.0):>11.2f} {v.get('peak_rss', 1.0):>9.2f} "
-                  f"{'-' if diff is None else f'{diff:.4f}':>11}")
+                  f"{'-' if diff is None else f'{diff:.4f}':>11} {gpu:>7} {gpu_x:>9}")
     settings = {"model": args.model, "threads": args.threads, "warmup": args.warmup, "steps": args.steps,
                 "rounds": args.rounds, "modes": args.modes, "layouts": args.layouts, "batch": BATCH,
-                "max_length": MAX_LENGTH, "dtype": "float32", "lora": LORA, "lr": LR, "schedule": "constant",
+                "max_length": MAX_LENGTH, "dtype": "float32" if args.device == "cpu" else "fp32 weights, bf16 autocast",
+                "device": args.device, "lora": LORA, "lr": LR, "schedule": "constant",
                 "max_grad_norm": 1.0, "gradient_checkpointing": False, "data": str(args.data),
-                "trl": {"assistant_only_loss": True, "bf16": False, "gradient_checkpointing": False, "use_cpu": True,
+                "trl": {"assistant_only_loss": True, "bf16": not cpu, "gradient_checkpointing": False, "use_cpu": cpu,
                         "packing": False, "padding_free": False},
                 "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__},
                 "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count()}

@@ -101,3 +101,26 @@ def test_flop_formula_matches_torch_flop_counter(tiny_model_dir, mode):
     pairs = sum(batch["input_ids"].shape[1] ** 2 for _ in range(batch["input_ids"].shape[0]))
     padding = batch["input_ids"].numel() - sum(lengths)  # padded positions run through the layers too
     assert counter.get_total_flops() == bench.step_flops(dims, mode, sum(lengths) + padding, supervised, pairs)
+
+
+def test_sft_bench_cuda_settings_parse(tmp_path):
+    """The CUDA modes (unmeasured here: no GPU) build run configs that plugtune's parser accepts, and qlora
+    without CUDA is refused before any run starts."""
+    import argparse
+
+    from plugtune.config import load_run_config
+
+    bench = load_bench("sft_vs_trl")
+    for mode, expected in (("lora", {"model.dtype=auto", "model.device=cuda", "method=lora"}),
+                           ("qlora", {"model.quantize=nf4", "method=lora", "model.device=cuda"}),
+                           ("full", {"method=full", "model.device=cuda"})):
+        settings = bench.plugtune_settings(argparse.Namespace(mode=mode, device="cuda"))
+        assert expected <= set(settings), (mode, settings)
+        assert "model.quantize=nf4" not in settings or mode == "qlora"
+        cfg = load_run_config(None, [f"data.train={tmp_path / 'x.jsonl'}", "output.dir=" + str(tmp_path / mode),
+                                     *[s for s in settings if s != "model.quantize=nf4"]])
+        assert cfg.model.device == "cuda"
+    assert "model.device=cpu" in bench.plugtune_settings(argparse.Namespace(mode="lora", device="cpu"))
+    with pytest.raises(SystemExit):
+        bench.main(["--modes", "qlora", "--device", "cpu"])
+    assert bench.gpu_peak(argparse.Namespace(device="cpu")) == {}
