@@ -2,6 +2,11 @@
 
     python bench/serve_load.py                       # default model, 16 LoRA r 8 adapters
     python bench/serve_load.py --model tiny --max-tokens 16 --requests 48 --duration 20   # a quick check
+    python bench/serve_load.py --concurrency 16 --skip-serial --before /tmp/plugtune-before   # vs an older tree
+
+--before DIR starts a second server from another plugtune source tree (e.g. `git archive COMMIT plugtune |
+tar -x -C DIR`), idle while the other one is measured; each load runs on this tree's server and then on
+that one (mixed, mixed before, base, base before), and the summary gives this tree / that tree tokens/s.
 
 The server runs in a subprocess on loopback (so its memory can be read from /proc), started with
 one LoRA adapter per client (r 8 on q/k/v/o; random weights: throughput does not depend on what
@@ -72,13 +77,14 @@ def free_port() -> int:
 class ServerProcess:
     """`python -m plugtune.serve` in a subprocess, with its RSS sampled every 0.2 s."""
 
-    def __init__(self, model: str, adapters: list[Path], max_batch: int, threads: int, max_tokens: int):
+    def __init__(self, model: str, adapters: list[Path], max_batch: int, threads: int, max_tokens: int,
+                 root: Path = ROOT):
         self.port = free_port()
         cmd = [sys.executable, "-m", "plugtune.serve", "--model", model, "--served-model-name", "base",
                "--port", str(self.port), "--max-batch", str(max_batch), "--threads", str(threads),
                "--max-tokens", str(max(max_tokens, 16)), "--max-concurrent", "256", "--log-level", "warning",
                *[a for i, d in enumerate(adapters) for a in ("--adapter", f"s{i}={d}")]]
-        env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        env = {**os.environ, "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", "")}
         # The server's log goes to a file, not a pipe nobody reads (a full pipe would block the server).
         self.log = tempfile.TemporaryFile(mode="w+")
         self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=self.log, text=True)
@@ -204,7 +210,7 @@ def measured(server: ServerProcess, name: str, models: list[str], args, prompts:
     rows = after["plugtune_decode_rows_total"] - before["plugtune_decode_rows_total"]
     row = {"run": name, "clients": len(models), **row, "mean_batch": round(rows / max(steps, 1), 2),
            "rss_mb": server.rss_between(t0, time.monotonic())}
-    print(f"{name:<10} {row['clients']:>3} {row['requests']:>5} {row['requests_per_s']:>7.2f} "
+    print(f"{name:<13} {row['clients']:>3} {row['requests']:>5} {row['requests_per_s']:>7.2f} "
           f"{row['output_tokens_per_s']:>9.1f} {row['ttft_p50_ms']:>8.0f} {row['ttft_p99_ms']:>8.0f} "
           f"{row['latency_p50_ms']:>8.0f} {row['latency_p99_ms']:>8.0f} {row['mean_batch']:>6.2f} "
           f"{row['rss_mb']['peak']:>8.0f}", flush=True)
@@ -221,6 +227,7 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=120, help="no request starts after this many s per run")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="server torch threads")
     parser.add_argument("--skip-serial", action="store_true", help="skip the one-at-a-time baseline")
+    parser.add_argument("--before", type=Path, help="another plugtune source tree to serve alternately (before/after)")
     parser.add_argument("--work", default=str(Path.home() / ".cache" / "plugtune" / "bench_serve"))
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve_load.json"))
     args = parser.parse_args()
@@ -233,21 +240,33 @@ def main() -> None:
                for ex in load_examples(f"plugtune:skills/{skill}_test.jsonl")[:16]]
     print(f"{args.model}: {top} LoRA r {args.rank} adapters, {args.max_tokens} tokens per request, "
           f"<= {args.requests} requests or {args.duration:.0f} s per run, server threads {args.threads}")
-    header = (f"{'run':<10} {'c':>3} {'reqs':>5} {'req/s':>7} {'out tok/s':>9} {'ttft p50':>8} {'ttft p99':>8} "
+    header = (f"{'run':<13} {'c':>3} {'reqs':>5} {'req/s':>7} {'out tok/s':>9} {'ttft p50':>8} {'ttft p99':>8} "
               f"{'lat p50':>8} {'lat p99':>8} {'batch':>6} {'RSS MB':>8}")
     rows = []
     server = ServerProcess(model, adapters, max_batch=top, threads=args.threads, max_tokens=args.max_tokens)
+    before = None
+    if args.before is not None:
+        if not (args.before / "plugtune" / "__init__.py").is_file():
+            parser.error(f"--before {args.before}: no plugtune package there")
+        before = ServerProcess(model, adapters, max_batch=top, threads=args.threads, max_tokens=args.max_tokens,
+                               root=args.before.resolve())
     try:
-        server.wait_ready()
-        # Warm-up: every adapter once (first-use costs are not what we measure).
-        asyncio.run(run_load(server.url, [f"s{i}" for i in range(top)] + ["base"], prompts, 4, top + 1, 600))
+        for srv in (server, before):
+            if srv is not None:
+                srv.wait_ready()
+                # Warm-up: every adapter once (first-use costs are not what we measure).
+                asyncio.run(run_load(srv.url, [f"s{i}" for i in range(top)] + ["base"], prompts, 4, top + 1, 600))
         print(header)
         for c in args.concurrency:
-            rows.append(measured(server, "mixed", [f"s{k}" for k in range(c)], args, prompts))
-            rows.append(measured(server, "base", ["base"] * c, args, prompts))
+            for run, models in (("mixed", [f"s{k}" for k in range(c)]), ("base", ["base"] * c)):
+                rows.append(measured(server, run, models, args, prompts))
+                if before is not None:
+                    rows.append(measured(before, f"{run} before", models, args, prompts))
         rss = server.rss_between(0, time.monotonic())
     finally:
         server.stop()
+        if before is not None:
+            before.stop()
     if not args.skip_serial:
         serial = ServerProcess(model, adapters, max_batch=1, threads=args.threads, max_tokens=args.max_tokens)
         try:
@@ -265,6 +284,11 @@ def main() -> None:
         summary["mixed_vs_base"] = round(tps("mixed", top) / tps("base", top), 3)
     if tps("serial", top):
         summary["mixed_vs_serial"] = round(tps("mixed", top) / tps("serial", top), 3)
+    if before is not None:
+        summary["vs_before"] = {f"{run} {c}": round(tps(run, c) / tps(f"{run} before", c), 3)
+                                for c in args.concurrency for run in ("mixed", "base")}
+        summary["before_tree"] = str(args.before)
+        print(f"this tree / --before tree, output tokens/s: {summary['vs_before']}")
     summary.update(target_mixed_vs_base=0.8, target_mixed_vs_serial=4.0,
                    rss_mb_main_server={k: rss[k] for k in ("start", "peak", "end")})
     print(f"\nat {top} clients: mixed/base tokens/s = {summary['mixed_vs_base']} (target >= 0.8), "
