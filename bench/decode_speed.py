@@ -11,6 +11,7 @@ Cases (plugtune.inference.generate.generate_ids, `decode=`):
   fp32           fast decoder: static KV cache, the model's own fp32 weights, no HF per-layer overhead
   bf16           fast decoder with bfloat16 weight copies (activations cast per matmul)
   int8           fast decoder with fbgemm int8 weights (per output channel) and per-call int8 activations
+  int8-body      int8 in the transformer blocks, the LM head (tied embedding, 49152 x 576) kept in fp32
   lora plain     a LoRA r 8 adapter on q/k/v/o (random non-zero B, 10% of each weight's norm) run unmerged
                  by the HF forward: what a GRPO rollout decoded with before
   lora folded    the same adapter folded into a decoding copy (W + sBA) on the fast fp32 path: rollouts now
@@ -51,7 +52,7 @@ from plugtune.inference.generate import (GenerationConfig, decode_step, generate
 from plugtune.models.causal_lm import cache_kwarg  # noqa: E402
 
 PROMPTS = ROOT / "plugtune" / "tasks" / "instructions" / "test.jsonl"
-CASES = ("plain", "fp32", "bf16", "int8", "lora plain", "lora folded")
+CASES = ("plain", "fp32", "bf16", "int8", "int8-body", "lora plain", "lora folded")
 
 
 def load(model: str):

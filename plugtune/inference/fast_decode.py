@@ -37,7 +37,7 @@ from torch import nn
 from plugtune.adapters.layers import AdapterLayer
 from plugtune.adapters.methods.lora import LoraLinear
 
-WEIGHTS = ("fp32", "bf16", "int8")
+WEIGHTS = ("fp32", "bf16", "int8", "int8-body")  # int8-body: int8 blocks, the LM head kept in fp32
 _PROJ = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"), ("self_attn", "o_proj"),
          ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj"))
 _CHUNK = 64  # columns a serving cache grows by when full
@@ -150,7 +150,7 @@ def _proj(module: nn.Module, weights: str):
     folded = _fold(module)
     if folded is None:
         return _Module(module)
-    if weights == "int8":
+    if weights in ("int8", "int8-body"):
         if "fbgemm" not in torch.backends.quantized.supported_engines or folded[0].device.type != "cpu":
             raise ValueError("decode weights 'int8' need PyTorch's fbgemm CPU kernels (x86 CPU); use fp32 or bf16")
         return _Int8(*folded)
@@ -190,7 +190,7 @@ class DecodingCopy:
         for layer in body.layers:
             projs = [_proj(getattr(getattr(layer, p), n), weights) for p, n in _PROJ]
             self.layers.append((layer.input_layernorm, layer.post_attention_layernorm, layer.mlp.act_fn, projs))
-        self.head = _proj(model.get_output_embeddings(), weights)
+        self.head = _proj(model.get_output_embeddings(), "fp32" if weights == "int8-body" else weights)
         self.dtype = next(model.parameters()).dtype
 
     def empty_cache(self, batch: int, capacity: int, device) -> StaticCache:

@@ -66,8 +66,9 @@ def check_rollout_config(cfg: RunConfig) -> None:
                           "[instructions]) or rollout.reward_model (a directory from objective=reward)")
     if min(r.prompts_per_step, r.max_new_tokens, r.epochs, r.minibatches) < 1:
         raise ConfigError("rollout.prompts_per_step, max_new_tokens, epochs and minibatches must be >= 1")
-    if r.decode not in ("auto", "plain", "fp32", "bf16", "int8"):
-        raise ConfigError(f"rollout.decode={r.decode!r}: use auto (fast fp32 where it can run), plain, fp32, bf16 or int8")
+    if r.decode not in ("auto", "plain", "fp32", "bf16", "int8", "int8-body"):
+        raise ConfigError(f"rollout.decode={r.decode!r}: use auto (fast fp32 where it can run), plain, fp32, bf16, int8 "
+                          "or int8-body")
     if (r.prompts_per_step * r.samples_per_prompt) % r.minibatches:
         raise ConfigError(f"rollout.minibatches={r.minibatches} must divide the rollout batch "
                           f"({r.prompts_per_step} prompts x {r.samples_per_prompt} samples)")
