@@ -55,7 +55,7 @@ def build(args):
     if not ui.host.startswith("127.") and ui.host not in ("localhost", "::1") and not settings.api_key:
         raise ValueError(f"--host {args.host} listens beyond this machine: set --api-key (or $PLUGTUNE_API_KEY)")
     lm = load(args.model, adapter=adapters, dtype=args.dtype, device=args.device, force=args.force,
-              router=args.router)
+              router=args.router, quantize=args.quantize)
     return build_ui_app(lm, settings, ui), settings, ui, lm
 
 

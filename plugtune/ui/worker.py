@@ -34,9 +34,13 @@ def _update(job_dir: Path, **fields) -> None:
 
 
 def run_train(job_dir: Path, config: str, overrides: list[str]) -> dict:
+    """What `plugtune train CONFIG key=value ...` does (cli.cmd_train): one run, or a pipeline of stages."""
     from plugtune.config import load_run_config
+    from plugtune.training.pipeline import is_pipeline, run_pipeline
     from plugtune.training.run import train
 
+    if is_pipeline(config):
+        return asdict(run_pipeline(config, overrides))
     cfg = load_run_config(config, overrides)
     _update(job_dir, max_steps=cfg.training.max_steps, out_dir=cfg.output.dir)
     report = train(cfg)
