@@ -83,7 +83,9 @@ def test_per_row_mixed_adapters_on_the_fast_path():
     names = ["a", None, "b", "a", "b"]
     cfg = GenerationConfig(max_new_tokens=16)
     with mixed_adapters(model, names):
-        assert fast_decode.refusal(model) is None  # the LoRA layers run themselves under the row plan
+        assert fast_decode.refusal(model) is None
+        copy = fast_decode.decoding_copy(model)  # each row's factors gathered once for the plan
+        assert isinstance(copy.layers[0][3][0], fast_decode._RowLora)
     assert generate_ids(model, ps, [2], 0, cfg, adapter_names=names) == \
         generate_ids(model, ps, [2], 0, cfg, adapter_names=names, decode="plain")
 

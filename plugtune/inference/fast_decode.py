@@ -146,17 +146,54 @@ class _Module:
         return self.module(x)
 
 
+class _RowLora:
+    """A per-row mixed batch on one LoRA layer: the base projection (any weights above) plus each row's
+    own x A_r^T B_r^T (s folded into B), with every row's factors gathered once per row plan (Punica's
+    gather-matmul, BGMV) instead of at every step as the layer's own per-row forward does."""
+
+    def __init__(self, base, layer: LoraLinear):
+        order = tuple(layer.lora_A.keys())
+        a_all, b_all = layer.stacked_factors(order, layer.row_plan)  # (n+1, r, in), (n+1, out, r); 0 = none
+        slots = layer.row_plan.slots(order)
+        self.base = base
+        self.a = a_all[slots].transpose(1, 2).contiguous()  # (B, in, r)
+        self.b = b_all[slots].transpose(1, 2).contiguous()  # (B, r, out)
+
+    def __call__(self, x):  # (B, 1, in)
+        return self.base(x) + torch.bmm(torch.bmm(x.to(self.a.dtype), self.a), self.b).to(x.dtype)
+
+
+def _row_lora(module: nn.Module) -> bool:
+    """A lone LoRA layer over nn.Linear under a row plan, whose present adapters are plain LoRA (no DoRA,
+    no dropout: eval): its rows can take `_RowLora`."""
+    if not (isinstance(module, LoraLinear) and module.row_plan is not None and isinstance(module.base_layer, nn.Linear)):
+        return False
+    if module.disabled or module.training or module.fan_in_fan_out or not module.lora_A:
+        return False
+    present = [n for n in module.row_plan.present if n in module.configs]
+    return bool(present) and not any(n in module.variants for n in present) and \
+        all(isinstance(module.lora_dropout[n], nn.Identity) for n in module.lora_A)
+
+
+def _dense(weight, bias, weights: str):
+    if weights in ("int8", "int8-body"):
+        if "fbgemm" not in torch.backends.quantized.supported_engines or weight.device.type != "cpu":
+            raise ValueError("decode weights 'int8' need PyTorch's fbgemm CPU kernels (x86 CPU); use fp32 or bf16")
+        return _Int8(weight, bias)
+    if weights == "bf16":
+        return _Bf16(weight, bias)
+    return _Dense(weight, bias)
+
+
 def _proj(module: nn.Module, weights: str):
+    if _row_lora(module):
+        inner = module.base_layer
+        bias = inner.bias.detach() if inner.bias is not None else None
+        return _RowLora(_dense(inner.weight.detach(), bias, weights), module)
     folded = _fold(module)
     if folded is None:
         return _Module(module)
-    if weights in ("int8", "int8-body"):
-        if "fbgemm" not in torch.backends.quantized.supported_engines or folded[0].device.type != "cpu":
-            raise ValueError("decode weights 'int8' need PyTorch's fbgemm CPU kernels (x86 CPU); use fp32 or bf16")
-        return _Int8(*folded)
-    if weights == "bf16":
-        return _Bf16(*folded)
-    return _Dense(*folded)
+    return _dense(*folded, weights)
 
 
 def _fingerprint(model: nn.Module) -> tuple:
