@@ -312,7 +312,8 @@ def test_continue_a_finished_run_then_stop_and_resume_another(page, ui):
     wait_state(page, ["starting", "running"], 30)
     assert wait_state(page, ["finished", "failed", "died"]) == "finished"
     run = httpx.get(ui["url"] + "/ui/api/run", params={"name": "run2"}).json()
-    assert f"resumed from" in run["log"] and run["steps"] == 150
+    log = (ui["top"] / "runs" / "run2" / "ui" / "log.txt").read_text()
+    assert f"resumed from {ui['top'] / 'runs' / 'run2' / 'checkpoints'}" in log and run["steps"] == 150
     steps = [r["step"] for r in run["metrics"] if r.get("kind") == "train"]
     assert steps == list(range(1, 151))  # no step lost or repeated across the stop
 
