@@ -2,7 +2,7 @@
 
     python bench/grpo_vs_trl.py [--model smollm2-135m] [--threads 2] [--warmup 1] [--steps 4] [--rounds 2]
                                 [--group 4] [--prompts-per-step 2] [--max-new-tokens 32] [--beta 0]
-                                [--out bench/results/grpo_vs_trl.json]
+                                [--also-decode bf16] [--out bench/results/grpo_vs_trl.json]
     python bench/grpo_vs_trl.py --model /tmp/tiny --threads 1 --warmup 1 --steps 1 --rounds 1 \\
                                 --group 2 --prompts-per-step 1 --max-new-tokens 4              # smoke run
 
@@ -30,6 +30,11 @@ scale_rewards="group", epsilon=0.2, beta, lr_scheduler_type="constant", shuffle_
 report_to=[], save_strategy="no"), the model loaded in float32 and given with a PEFT LoraConfig. TRL 1.16
 defaults to bf16 and gradient checkpointing, both very slow on CPUs without bf16 units. TRL generates
 with model.generate (left-padded batch, DynamicCache); plugtune with its own KV-cache sampler.
+
+plugtune decodes rollouts with rollout.decode=auto: the fast decoder, the policy's LoRA folded into an fp32
+decoding copy (the same policy up to float rounding). --also-decode X adds a third engine, plugtune/X, that
+samples rollouts with rollout.decode=X (bf16 or int8: a rounded copy of the policy, slightly off-policy),
+alternating with the other two.
 
 Completion lengths are not forced: both stop at EOS, so the table gives each side's mean completion
 tokens (EOS included, as both count it) and the fraction that ended, and generated tokens per second
@@ -168,7 +173,7 @@ def run_plugtune(args, out: Path) -> dict:
         f"rollout.prompts_per_step={args.prompts_per_step}", f"rollout.samples_per_prompt={args.group}",
         f"rollout.max_new_tokens={args.max_new_tokens}", f"rollout.temperature={TEMPERATURE}", "rollout.top_p=1.0",
         "rollout.top_k=0", "rollout.epochs=1", "rollout.minibatches=1", 'rollout.reward_functions=["instructions"]',
-        "rollout.missing_eos_penalty=0.0", f"grpo.beta={args.beta}", f"grpo.clip_low={CLIP}", f"grpo.clip_high={CLIP}",
+        "rollout.missing_eos_penalty=0.0", f"rollout.decode={args.decode}", f"grpo.beta={args.beta}", f"grpo.clip_low={CLIP}", f"grpo.clip_high={CLIP}",
         "grpo.scale_rewards=true", "grpo.loss_aggregation=token_mean",
         "training.grad_accum=1", f"training.max_steps={args.warmup + args.steps}", f"training.lr={LR}",
         "training.schedule=constant", "training.warmup_steps=0", "training.weight_decay=0.0",
@@ -191,11 +196,18 @@ def child_args(args) -> list[str]:
             "--max-new-tokens", str(args.max_new_tokens), "--beta", str(args.beta), "--prompts", str(args.prompts)]
 
 
-def launch(engine: str, args, workdir: Path) -> dict:
+def engines(args) -> list[tuple[str, str]]:
+    """(engine name, plugtune rollout.decode) of each run in a round, TRL first."""
+    return [("trl", "auto"), ("plugtune", "auto")] + [(f"plugtune/{d}", d) for d in args.also_decode]
+
+
+def launch(engine: str, args, workdir: Path, decode: str = "auto") -> dict:
     """One run in a fresh interpreter; its step times, per-step numbers and peak RSS (ru_maxrss of that child)."""
-    out = workdir / f"{engine}-{len(list(workdir.iterdir()))}"
+    out = workdir / f"{engine.replace('/', '-')}-{len(list(workdir.iterdir()))}"
     out.mkdir()
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", engine, "--child-out", str(out), *child_args(args)]
+    child = "trl" if engine == "trl" else "plugtune"
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", child, "--child-out", str(out), *child_args(args),
+           "--decode", decode]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
            "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     with open(out / "log.txt", "w") as log:
@@ -235,7 +247,7 @@ def check_prompts(args) -> dict:
 
 def summarise(runs: list[dict]) -> dict:
     out = {}
-    for engine in ("trl", "plugtune"):
+    for engine in dict.fromkeys(r["engine"] for r in runs):
         mine = [r for r in runs if r["engine"] == engine]
         med = lambda key: statistics.median(r[key] for r in mine)
         s = med("s_per_step")
@@ -246,6 +258,8 @@ def summarise(runs: list[dict]) -> dict:
     out["speedup_generated_tokens_per_s"] = (out["plugtune"]["generated_tokens_per_s"]
                                              / out["trl"]["generated_tokens_per_s"])
     out["peak_rss_ratio"] = out["plugtune"]["peak_rss_mb"] / out["trl"]["peak_rss_mb"]
+    for engine in [e for e in out if e.startswith("plugtune/")]:
+        out[engine]["speedup_steps_per_s"] = out[engine]["steps_per_s"] / out["trl"]["steps_per_s"]
     return out
 
 
@@ -274,6 +288,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "grpo_vs_trl.json"))
     parser.add_argument("--child", choices=["trl", "plugtune"], help=argparse.SUPPRESS)
     parser.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--decode", default="auto", help=argparse.SUPPRESS)
+    parser.add_argument("--also-decode", nargs="*", default=[], choices=["plain", "bf16", "int8", "int8-body"],
+                        help="extra plugtune engines whose rollouts use rollout.decode=X")
     args = parser.parse_args(argv)
     if args.warmup < 1 or args.steps < 1 or args.rounds < 1:
         parser.error("--warmup, --steps and --rounds must be >= 1 (a step time needs the previous step's end)")
@@ -294,8 +311,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     runs = []
     with tempfile.TemporaryDirectory(prefix="grpo-bench-") as tmp:
         for r in range(args.rounds):
-            for engine in ("trl", "plugtune"):
-                runs.append(launch(engine, args, Path(tmp)))
+            for engine, decode in engines(args):
+                runs.append(launch(engine, args, Path(tmp), decode))
                 print(f"round {r + 1} {engine:<8} {runs[-1]['s_per_step']:.3f} s/step, "
                       f"{runs[-1]['completion_tokens_mean']:.1f} completion tokens, "
                       f"peak RSS {runs[-1]['peak_rss_mb']:.0f} MB", flush=True)
@@ -306,7 +323,7 @@ def main(argv: list[str] | None = None) -> dict | None:
                 "temperature": TEMPERATURE, "top_p": 1.0, "top_k": 0, "dtype": "float32", "lora": LORA, "lr": LR,
                 "schedule": "constant", "max_grad_norm": 1.0, "beta": args.beta, "clip": CLIP,
                 "scale_rewards": "group", "loss_aggregation": {"trl": "dapo", "plugtune": "token_mean"},
-                "passes_per_generation": 1, "reward": "plugtune.tasks.instructions.checkers.compliance_reward",
+                "passes_per_generation": 1, "plugtune_rollout_decode": ["auto", *args.also_decode], "reward": "plugtune.tasks.instructions.checkers.compliance_reward",
                 "prompts_file": str(args.prompts), "prompts": prompts,
                 "trl": {"bf16": False, "fp16": False, "gradient_checkpointing": False, "use_cpu": True,
                         "activation_checkpointing": False,
@@ -320,16 +337,17 @@ def main(argv: list[str] | None = None) -> dict | None:
           f"{args.group * args.prompts_per_step} completions/step, at most {args.max_new_tokens} new tokens "
           f"(prompt {prompts['prompt_tokens_mean']:.0f} tokens on average), fp32, LoRA r 8 q/k/v/o, beta {args.beta}, "
           f"{args.threads} threads, {args.warmup} warm-up + {args.steps} timed steps, {args.rounds} round(s)")
-    print(f"{'engine':<10} {'s/step':>8} {'steps/s':>8} {'compl tok':>10} {'ended':>6} {'gen tok/s':>10} "
+    print(f"{'engine':<14} {'s/step':>8} {'steps/s':>8} {'compl tok':>10} {'ended':>6} {'gen tok/s':>10} "
           f"{'peak RSS MB':>12} {'reward':>7}")
-    for engine in ("trl", "plugtune"):
+    for engine, _ in engines(args):
         s = summary[engine]
-        print(f"{engine:<10} {s['s_per_step']:>8.3f} {s['steps_per_s']:>8.3f} {s['completion_tokens_mean']:>10.1f} "
+        print(f"{engine:<14} {s['s_per_step']:>8.3f} {s['steps_per_s']:>8.3f} {s['completion_tokens_mean']:>10.1f} "
               f"{s['ended_mean']:>6.0%} {s['generated_tokens_per_s']:>10.1f} {s['peak_rss_mb']:>12.0f} "
               f"{s['reward_mean']:>7.3f}")
     print(f"plugtune / TRL: {summary['speedup_steps_per_s']:.2f}x steps/s, "
           f"{summary['speedup_generated_tokens_per_s']:.2f}x generated tokens/s, "
-          f"{summary['peak_rss_ratio']:.2f}x peak RSS")
+          f"{summary['peak_rss_ratio']:.2f}x peak RSS" + "".join(
+              f"; {e} / TRL: {summary[e]['speedup_steps_per_s']:.2f}x steps/s" for e, _ in engines(args)[2:]))
     result = {"settings": settings, "summary": summary, "runs": runs}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
