@@ -47,7 +47,13 @@ def test_quantized_linear_equals_dequantize_then_matmul(cls, ref):
     w, b = weight(), torch.randn(48)
     layer = cls(w, b)
     x = torch.randn(3, 5, 128)
-    torch.testing.assert_close(layer(x), F.linear(x, ref(layer), b), rtol=1e-5, atol=1e-5)
+    expected = F.linear(x, ref(layer), b)
+    if cls is Int8Linear and layer._packed is not None:
+        # fbgemm quantizes the activations too (8 bits, one scale per call): ~1% of the output's size.
+        err = ((layer(x) - expected).norm() / (expected - b).norm()).item()
+        assert 1e-4 < err < 0.02, err
+        layer._packed, layer._qweight = None, layer.qweight  # the plain path: exactly the reference
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(layer.weight, ref(layer))
     # The gradient w.r.t. the input (what adapters below this layer need) is that of the reference.
     x.requires_grad_(True)
@@ -57,13 +63,12 @@ def test_quantized_linear_equals_dequantize_then_matmul(cls, ref):
     torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
 
 
-def test_int8_one_row_kernel_on_a_large_weight_matches_the_reference():
-    """One row against a weight over _INT8PACK_MIN_NUMEL goes through aten._weight_int8pack_mm."""
-    w = weight(out=qmod._INT8PACK_MIN_NUMEL // 512, inp=512)
-    layer = Int8Linear(w)
-    x = torch.randn(1, 1, 512)
-    expected = F.linear(x, ref_int8(layer))
-    torch.testing.assert_close(layer(x), expected, rtol=1e-3, atol=1e-3 * expected.abs().max().item())
+def test_int8_keeps_only_the_packed_weight_on_x86():
+    layer = Int8Linear(weight())
+    if not qmod.fbgemm_available(torch.device("cpu")):
+        pytest.skip("no fbgemm on this CPU")
+    assert layer._qweight is None and [n for n, _ in layer.named_buffers()] == ["scales"]
+    assert layer.qweight.dtype == torch.int8 and layer.storage_bytes() == 48 * 128 + 48 * 4
 
 
 def test_round_trip_error_is_within_half_a_step():
@@ -157,7 +162,7 @@ def test_full_base_memory_is_a_quarter_or_less():
                        if isinstance(m, nn.Linear) and "lm_head" not in n)
     for scheme, most in [("int8", 0.27), ("int4", 0.16)]:
         q = quantize_model(build_model("llama", hidden=128), scheme)
-        stored = sum(t.numel() * t.element_size() for _, m in quantized_layers(q) for t in m.buffers())
+        stored = sum(m.storage_bytes() for _, m in quantized_layers(q))
         assert stored <= most * linear_bytes, (scheme, stored / linear_bytes)
 
 
