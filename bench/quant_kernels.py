@@ -52,6 +52,16 @@ def torch_int4(w: torch.Tensor):
     return lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, GROUP, sz)
 
 
+def torch_fbgemm(w: torch.Tensor):
+    """PyTorch's quantized::linear_dynamic (fbgemm): int8 weights per row, activations per call (per tensor)."""
+    scales = (w.abs().amax(1) / 127).clamp_min(1e-12).double()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = torch.quantize_per_channel(w, scales, torch.zeros_like(scales, dtype=torch.long), 0, torch.qint8)
+        packed = torch.ops.quantized.linear_prepack(q, None)
+    return lambda x: torch.ops.quantized.linear_dynamic(x, packed)
+
+
 def _module(w: torch.Tensor) -> nn.Linear:
     lin = nn.Linear(w.shape[1], w.shape[0], bias=False)
     lin.weight.data.copy_(w)
@@ -115,6 +125,7 @@ CANDIDATES = {
     "fp32 F.linear": lambda w: (lambda x: F.linear(x, w)),
     "plugtune int8 (chosen)": plugtune("int8"),
     "plugtune int4 g64 (chosen)": plugtune("int4"),
+    "torch fbgemm int8 dyn": torch_fbgemm,
     "torch int8pack": torch_int8,
     "torch int4pack g64": torch_int4,
     "torchao int8 wo": torchao("int8"),
