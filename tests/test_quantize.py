@@ -332,3 +332,9 @@ def test_int4_needs_whole_groups():
 def test_quantized_layers_are_not_trainable():
     layer = Int8Linear(weight())
     assert list(layer.parameters()) == [] and isinstance(layer, QuantizedLinear)
+
+
+def test_modules_to_save_on_a_quantized_module_is_refused():
+    model = quantize_model(build_model("llama"), "int8")
+    with pytest.raises(ValueError, match="train a copy of a quantized module"):
+        attach_adapter(model, "lora", {"r": 4, "modules_to_save": ["down_proj"]}, name="x")

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from plugtune.adapters.layers import AdapterLayer, adapter_layers, get_submodule_parent, wrap_module
+from plugtune.models.quantize import QuantizedLinear
 
 
 class ModulesToSave(AdapterLayer):
@@ -30,6 +31,10 @@ class ModulesToSave(AdapterLayer):
         self.modules_to_save = nn.ModuleDict()
 
     def add_adapter(self, name: str, cfg: object) -> None:
+        if any(isinstance(m, QuantizedLinear) for m in self.base_layer.modules()):
+            raise ValueError(f"modules_to_save: adapter '{name}' would train a copy of a quantized module (its "
+                             "weights are frozen 8/4-bit buffers, nothing to train); keep that module out of the "
+                             "quantization (quantize_model(..., skip=(...))) or load the base with quantize=none")
         # A copy in the base's dtype and device, as PEFT makes it; the original keeps requires_grad=False.
         self.modules_to_save[name] = copy.deepcopy(self.base_layer)
         self.register_adapter(name, cfg)
