@@ -137,7 +137,7 @@ def cost_data_control_table(report: dict) -> str:
         elif d["examples"] is None:
             cell = f"none (0% at every size up to {d['best_at']})"
         else:
-            cell = f"{d['examples']} ({_pct(d['exact_match'])} of best {_pct(d['best'])})"
+            cell = f"{d['examples']} ({_pct(d['exact_match'])}; best {_pct(d['best'])} at {d['best_at']})"
         seconds = f"{r['train_seconds']:.0f}" + (f" ± {r['train_seconds_spread']:.0f}" if r.get("seeds", 1) > 1 else "")
         rows.append([r["name"], f"{r['trainable_params']:,} ({r['trainable_pct']:.3g}%)", memory, seconds,
                      _mb(r["checkpoint_bytes"]), cell, _em(r, bold=True), _loss(r), _forget(r)])
