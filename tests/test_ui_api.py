@@ -219,3 +219,15 @@ def test_auto_shows_the_routers_pick_and_scores(tiny_model_dir, tmp_path, dirs):
             answer = c.post("/v1/chat/completions", json={"model": "auto", "messages": messages, "max_tokens": 2}).json()
             assert answer["choices"][0]["adapter"] == r["adapter"]  # the server routed the same way
         assert c.post("/ui/api/route", json={"messages": []}, headers=SAME).status_code == 400
+
+
+def test_export_refuses_what_it_cannot_do(lm, dirs):
+    with client(lm, dirs) as c:
+        adapters = c.get("/ui/api/adapters").json()["adapters"]
+        assert adapters == []  # none under the runs directory here
+        for body, param in (({"kind": "zip", "adapter": "x", "name": "m"}, "kind"),
+                            ({"kind": "gguf", "quant": "q2_k", "adapter": "x", "name": "m"}, "quant"),
+                            ({"kind": "merge", "adapter": "/etc", "name": "m"}, "adapter")):
+            r = c.post("/ui/api/export", json=body, headers=SAME)
+            assert r.status_code == 400 and r.json()["error"]["param"] == param, r.json()
+        assert c.get("/ui/api/exports").json() == {"exports": []}

@@ -255,13 +255,13 @@ def _routes(app: FastAPI, settings: ServeSettings, ui: UISettings) -> APIRouter:
     async def export(request: Request):
         values = await body(request)
         kind, name = values.get("kind", "merge"), str(values.get("name", ""))
-        if kind == "gguf" and importlib.util.find_spec("plugtune.export") is None:
-            raise _error(400, "GGUF export needs plugtune.export, which this version does not have yet", "kind")
         if kind not in ("merge", "gguf"):
             raise _error(400, f"unknown export kind {kind!r} (merge or gguf)", "kind")
         quant = str(values.get("quant") or "f16")
         if quant not in GGUF_QUANTS:
             raise _error(400, f"quant {quant!r} is not one of {', '.join(GGUF_QUANTS)}", "quant")
+        if kind == "gguf" and importlib.util.find_spec("plugtune.export") is None:
+            raise _error(400, "GGUF export needs plugtune.export, which this version does not have yet", "kind")
         from_runs = runs.find_adapters(adapter_roots)
         adapter = str(values.get("adapter", ""))
         if adapter not in {a["path"] for a in from_runs}:
