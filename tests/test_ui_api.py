@@ -5,7 +5,6 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -135,7 +134,7 @@ def test_form_errors_are_put_beside_their_field(dirs, values, field, words):
 
 
 def test_a_good_form_gives_the_clis_config(dirs, tiny_model_dir):
-    from plugtune.config import load_run_config, to_dict
+    from plugtune.config import RunConfig, from_dict, load_run_config, to_dict
 
     req = check_train_form({"name": "ok", "model.name": str(tiny_model_dir), "data.train": "train.jsonl",
                             "training.max_steps": "2", "adapter.r": "4", "overrides": "training.warmup_steps=1"},
@@ -143,8 +142,6 @@ def test_a_good_form_gives_the_clis_config(dirs, tiny_model_dir):
     cli = load_run_config("lora_sft", [f"model.name={tiny_model_dir}", f"data.train={dirs / 'data' / 'train.jsonl'}",
                                        "training.max_steps=2", "adapter.r=4", "training.warmup_steps=1",
                                        f"output.dir={dirs / 'runs' / 'ok'}", "method=lora"])
-    from plugtune.config import RunConfig, from_dict
-
     assert to_dict(from_dict(RunConfig, req.config)) == to_dict(cli)
     assert not (dirs / "runs" / "ok").exists()  # checking writes nothing
 
