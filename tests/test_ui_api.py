@@ -164,7 +164,7 @@ def test_a_job_is_read_back_from_its_files(tmp_path):
         assert time.time() < deadline
         time.sleep(0.2)
     st = jobs.status(failed)
-    assert st["state"] == "failed" and "no.yaml" in st["error"]
+    assert st["state"] == "failed" and "no.yaml" in st["error"], (st, jobs.log_tail(failed))
     assert "Traceback" in jobs.log_tail(failed)
 
     gone = tmp_path / "gone"
@@ -172,7 +172,7 @@ def test_a_job_is_read_back_from_its_files(tmp_path):
     os.kill(launch["pid"], 9)
     time.sleep(0.5)
     st = jobs.status(gone)
-    assert st["state"] == "died" and "log.txt" in st["error"] and not st["alive"]
+    assert st["state"] == "died" and "log.txt" in st["error"] and not st["alive"], (st, jobs.log_tail(gone))
 
     stopped = tmp_path / "stopped"
     jobs.start("checkpoint", stopped, ["x", "y", "z"])
@@ -181,7 +181,7 @@ def test_a_job_is_read_back_from_its_files(tmp_path):
     while jobs.status(stopped)["alive"]:
         assert time.time() < deadline
         time.sleep(0.1)
-    assert jobs.status(stopped)["state"] == "stopped"
+    assert jobs.status(stopped)["state"] == "stopped", (jobs.status(stopped), jobs.log_tail(stopped))
     with pytest.raises(RuntimeError, match="no running job"):
         jobs.stop(stopped)
     assert sys.executable in jobs.status(stopped)["command"]
