@@ -170,7 +170,10 @@ def test_a_job_is_read_back_from_its_files(tmp_path):
     gone = tmp_path / "gone"
     launch = jobs.start("checkpoint", gone, ["x", "y", "z"])
     os.kill(launch["pid"], 9)
-    time.sleep(0.5)
+    deadline = time.time() + 30  # SIGKILL waits for a process in uninterruptible sleep (disk reads under load)
+    while jobs.status(gone)["alive"]:
+        assert time.time() < deadline
+        time.sleep(0.1)
     st = jobs.status(gone)
     assert st["state"] == "died" and "log.txt" in st["error"] and not st["alive"], (st, jobs.log_tail(gone))
 
