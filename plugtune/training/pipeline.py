@@ -315,7 +315,7 @@ def _run_stage(stage: Stage, resolved: dict, done: dict[str, StageResult]) -> St
                "tokens_per_second": round(report.tokens_per_second, 1), **report.eval_metrics}
     last = next((r for r in reversed(history) if r.get("kind") == "train"), {})
     metrics.update({k: v for k, v in last.items() if k.startswith(("kl", "reward", "rewards/"))})
-    return StageResult(stage.name, stage.kind, round(time.perf_counter() - t0, 1), round(report.peak_memory_mb, 1),
+    return StageResult(stage.name, stage.kind, round(time.perf_counter() - t0, 3), round(report.peak_memory_mb, 1),
                        report.artifact, metrics)
 
 
@@ -342,7 +342,7 @@ def _run_sample_stage(stage: Stage, resolved: dict, t0: float) -> StageResult:
         print(f"[pipeline] stage {stage.dir_name}: prompts where no sample passed, by constraint type: "
               + ", ".join(f"{t} {n}" for t, n in report.never_passed_by_type.items()))
     device = next(loaded.model.parameters()).device
-    return StageResult(stage.name, "sample", round(time.perf_counter() - t0, 1), round(peak_memory_mb(device), 1),
+    return StageResult(stage.name, "sample", round(time.perf_counter() - t0, 3), round(peak_memory_mb(device), 1),
                        str(out_dir), metrics)
 
 
