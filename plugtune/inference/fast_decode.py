@@ -245,11 +245,24 @@ class DecodingCopy:
         positions = cache.mask[:, :t].sum(-1, keepdim=True)  # (B, 1): the row's own next position
         cache.mask[:, t] = 1
         cache.length = t + 1
-        batch = tokens.shape[0]
         x = self.embed(tokens.unsqueeze(1))  # (B, 1, C)
+        allowed = cache.mask[:, None, None, :t + 1].bool()  # (B, 1, 1, t + 1)
+
+        def write(keys, values, k, v):  # one new column, then attend over the t + 1 written ones
+            keys[:, :, t:t + 1] = k
+            values[:, :, t:t + 1] = v
+            return keys[:, :, :t + 1], values[:, :, :t + 1]
+
+        return self._layers(x, positions, cache, allowed, write)
+
+    def _layers(self, x: torch.Tensor, positions: torch.Tensor, cache: StaticCache, allowed: torch.Tensor,
+                write) -> torch.Tensor:
+        """The decoder blocks and the head for one new token per row. `write(keys, values, k, v)` stores
+        the new keys/values in the layer's cache and returns what attention reads: how `step` and
+        `step_fixed` differ (a growing slice vs every column of the cache)."""
+        batch = x.shape[0]
         cos, sin = self.rotary(x, positions)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, 1, D)
-        allowed = cache.mask[:, None, None, :t + 1].bool()  # (B, 1, 1, t + 1)
         for (in_norm, post_norm, act, (q_p, k_p, v_p, o_p, g_p, u_p, d_p)), keys, values in zip(
                 self.layers, cache.keys, cache.values):
             h = in_norm(x)
@@ -258,44 +271,30 @@ class DecodingCopy:
             v = v_p(h).view(batch, 1, self.n_kv, self.head_dim).transpose(1, 2)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
-            keys[:, :, t:t + 1] = k
-            values[:, :, t:t + 1] = v
-            a = F.scaled_dot_product_attention(q, keys[:, :, :t + 1], values[:, :, :t + 1], attn_mask=allowed,
-                                               scale=self.scaling, enable_gqa=self.n_kv != self.n_heads)
+            keys_read, values_read = write(keys, values, k, v)
+            a = F.scaled_dot_product_attention(q, keys_read, values_read, attn_mask=allowed, scale=self.scaling,
+                                               enable_gqa=self.n_kv != self.n_heads)
             x = x + o_p(a.transpose(1, 2).reshape(batch, 1, -1))
             h = post_norm(x)
             x = x + d_p(act(g_p(h)) * u_p(h))
         return self.head(self.norm(x))[:, -1]  # (B, V)
-
 
     @torch.no_grad()
     def step_fixed(self, tokens: torch.Tensor, cache: StaticCache, column: torch.Tensor) -> torch.Tensor:
         """`step` with shapes that never change, for CUDA graphs and torch.compile: attention runs over every
         column of the cache (the mask hides the unwritten ones, which are 0), and the column written is a
         (1,) tensor. The caller advances `cache.length`. Same numbers as `step` up to float rounding."""
-        batch = tokens.shape[0]
         positions = cache.mask.sum(-1, keepdim=True)  # (B, 1): tokens so far = the next position
         cache.mask.index_fill_(1, column, 1)
         x = self.embed(tokens.unsqueeze(1))
-        cos, sin = self.rotary(x, positions)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         allowed = cache.mask[:, None, None, :].bool()  # (B, 1, 1, capacity)
-        for (in_norm, post_norm, act, (q_p, k_p, v_p, o_p, g_p, u_p, d_p)), keys, values in zip(
-                self.layers, cache.keys, cache.values):
-            h = in_norm(x)
-            q = q_p(h).view(batch, 1, self.n_heads, self.head_dim).transpose(1, 2)
-            k = k_p(h).view(batch, 1, self.n_kv, self.head_dim).transpose(1, 2)
-            v = v_p(h).view(batch, 1, self.n_kv, self.head_dim).transpose(1, 2)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
+
+        def write(keys, values, k, v):  # the column given as a tensor; attention reads the whole cache
             keys.index_copy_(2, column, k)
             values.index_copy_(2, column, v)
-            a = F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed, scale=self.scaling,
-                                               enable_gqa=self.n_kv != self.n_heads)
-            x = x + o_p(a.transpose(1, 2).reshape(batch, 1, -1))
-            h = post_norm(x)
-            x = x + d_p(act(g_p(h)) * u_p(h))
-        return self.head(self.norm(x))[:, -1]
+            return keys, values
+
+        return self._layers(x, positions, cache, allowed, write)
 
 
 class FixedStep:
