@@ -104,7 +104,8 @@ class QuantizedLinear(nn.Module):
         return self.dequantize()
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        raise NotImplementedError
+        """The (out, in) weight in `dtype`. Abstract: Int8Linear, Int4Linear and NF4Linear each define it."""
+        raise NotImplementedError(f"{type(self).__name__} must define dequantize()")
 
     def storage_bytes(self) -> int:
         """Bytes this layer keeps for its weight and bias (packed kernels' own forms included)."""

@@ -68,6 +68,14 @@ def _error(status: int, message: str, param: str | None = None) -> APIError:
     return APIError(status, " ".join(message.split()), param=param)
 
 
+def _job(action, *args):
+    """jobs.start/jobs.stop, with their refusal (a job already running, none to stop) as a 409 for the page."""
+    try:
+        return action(*args)
+    except RuntimeError as exc:
+        raise _error(409, str(exc)) from None
+
+
 def _routes(app: FastAPI, settings: ServeSettings, ui: UISettings) -> APIRouter:
     routes = APIRouter()
     server = app.state.server
@@ -123,7 +131,7 @@ def _routes(app: FastAPI, settings: ServeSettings, ui: UISettings) -> APIRouter:
                                  "fields": exc.fields}, status_code=400)
         job_dir = req.run_dir / runs.UI_DIR
         config = write_config(job_dir / "config.yaml", req.config)
-        jobs.start("train", job_dir, [str(config)])
+        _job(jobs.start, "train", job_dir, [str(config)])
         return {"run": req.name, "state": "starting"}
 
     @routes.get("/ui/api/runs")
@@ -137,10 +145,7 @@ def _routes(app: FastAPI, settings: ServeSettings, ui: UISettings) -> APIRouter:
     @routes.post("/ui/api/run/stop")
     async def stop_run(request: Request):
         run = run_path((await body(request)).get("name"))
-        try:
-            jobs.stop(run / runs.UI_DIR)
-        except RuntimeError as exc:
-            raise _error(409, str(exc)) from None
+        _job(jobs.stop, run / runs.UI_DIR)
         return {"run": run.name, "state": "stopping"}
 
     @routes.post("/ui/api/run/resume")
@@ -169,10 +174,7 @@ def _routes(app: FastAPI, settings: ServeSettings, ui: UISettings) -> APIRouter:
             overrides.append("output.resume=auto")
         config.setdefault("output", {})["dir"] = str(run)
         path = write_config(run / runs.UI_DIR / "config.yaml", config)
-        try:
-            jobs.start("train", run / runs.UI_DIR, [str(path), *overrides])
-        except RuntimeError as exc:
-            raise _error(409, str(exc)) from None
+        _job(jobs.start, "train", run / runs.UI_DIR, [str(path), *overrides])
         return {"run": run.name, "state": "starting"}
 
     @routes.post("/ui/api/run/checkpoint_adapter")
@@ -190,10 +192,7 @@ def _routes(app: FastAPI, settings: ServeSettings, ui: UISettings) -> APIRouter:
         if not config.is_file():
             raise _error(409, f"{run.name} has no config.yaml to rebuild its adapter from")
         job_dir = run / "checkpoint_adapters" / ".jobs" / name
-        try:
-            jobs.start("checkpoint", job_dir, [str(config), str(run / "checkpoints" / name), str(out)])
-        except RuntimeError as exc:
-            raise _error(409, str(exc)) from None
+        _job(jobs.start, "checkpoint", job_dir, [str(config), str(run / "checkpoints" / name), str(out)])
         return {"job": str(job_dir.relative_to(runs_dir)), "out": str(out)}
 
     @routes.get("/ui/api/job")
@@ -275,11 +274,8 @@ def _routes(app: FastAPI, settings: ServeSettings, ui: UISettings) -> APIRouter:
             raise _error(409, f"an export named '{name}' exists already ({out}): pick another name", "name")
         if shutil.disk_usage(runs_dir).free < 2**20:
             raise _error(507, f"no free space under {runs_dir}")
-        try:
-            base = str(values.get("model") or server.lm.path)
-            jobs.start(kind, job_dir, [base, adapter, str(out)] + ([quant] if kind == "gguf" else []))
-        except RuntimeError as exc:
-            raise _error(409, str(exc)) from None
+        base = str(values.get("model") or server.lm.path)
+        _job(jobs.start, kind, job_dir, [base, adapter, str(out)] + ([quant] if kind == "gguf" else []))
         return {"export": name, "job": f"{EXPORTS}/{name}"}
 
     @routes.get("/ui/api/exports")
